@@ -1,0 +1,1 @@
+"""diffcp: differentiable, batched Iterative Closest Point."""
