@@ -184,13 +184,12 @@ def twist_between(new: Tensor, old: Tensor) -> Tensor:
 
 
 def rotation_angle(rotation: Tensor) -> Tensor:
-    """Angle in radians of rotation matrices ``(..., 3, 3)``; gradient-safe at the identity."""
-    return so3_log(rotation).norm(dim=-1) if rotation.requires_grad else _angle_acos(rotation)
+    """Angle in radians of rotation matrices ``(..., 3, 3)``.
 
-
-def _angle_acos(rotation: Tensor) -> Tensor:
-    trace = rotation[..., 0, 0] + rotation[..., 1, 1] + rotation[..., 2, 2]
-    return torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0))
+    Computed as ``atan2(|sin|, cos)`` through :func:`so3_log`, which keeps full precision near the
+    identity (``acos`` of the trace loses half the digits there) and is gradient-safe.
+    """
+    return so3_log(rotation).norm(dim=-1)
 
 
 def rotation_error(predicted: Tensor, expected: Tensor) -> Tensor:

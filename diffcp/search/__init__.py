@@ -1,0 +1,16 @@
+"""Nearest-neighbour search by hardware: exact k-NN (kd-tree on the CPU, matrix products on the
+GPU) and soft nearest neighbours (dense reference and an O(N)-memory attention kernel)."""
+
+from .nearest import KNN, MATMUL_CPU_MAX, NearestNeighborIndex, gather_points, knn
+from .soft import ATTENTION_MIN_PAIRS, SoftMatch, soft_nearest
+
+__all__ = [
+    "KNN",
+    "knn",
+    "NearestNeighborIndex",
+    "gather_points",
+    "MATMUL_CPU_MAX",
+    "SoftMatch",
+    "soft_nearest",
+    "ATTENTION_MIN_PAIRS",
+]

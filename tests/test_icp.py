@@ -1,0 +1,386 @@
+"""The ICP loop: recovery, batching, Open3D parity, gradients in every backward mode, bad input."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import diffcp
+from diffcp.geometry import make_transform, random_transform, rotation_error, transform_points
+from shapes import sample
+
+F64 = torch.float64
+
+
+def _pair(shape="bumpy_sphere", n=400, batch=1, angle=0.25, shift=0.05, seed=0, dtype=F64):
+    """Source clouds, targets = exactly transformed sources (normals too), and the transforms."""
+    g = torch.Generator().manual_seed(seed)
+    pts, nrm = sample(shape, n, seed=seed, dtype=dtype)
+    src = pts.expand(batch, n, 3).clone()
+    src_n = nrm.expand(batch, n, 3).clone()
+    T = random_transform(batch, max_angle=angle, max_translation=shift, generator=g, dtype=dtype)
+    tgt = transform_points(T, src)
+    tgt_n = src_n @ T[:, :3, :3].transpose(-1, -2)
+    perm = torch.randperm(n, generator=g)
+    return src, src_n, tgt[:, perm], tgt_n[:, perm], T
+
+
+# ---------------------------------------------------------------------------------------------
+# recovery of a known transform
+# ---------------------------------------------------------------------------------------------
+
+SOLVER_METRICS = [
+    ("procrustes", "point_to_point"),
+    ("linear", "point_to_point"),
+    ("linear", "point_to_plane"),
+    ("linear", "symmetric"),
+    ("lm", "point_to_point"),
+    ("lm", "point_to_plane"),
+    ("lm", "symmetric"),
+]
+
+
+@pytest.mark.parametrize("solver,metric", SOLVER_METRICS)
+def test_recovers_known_transform_every_solver(solver, metric):
+    src, src_n, tgt, tgt_n, T = _pair(batch=3)
+    out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, solver=solver,
+                     metric=metric, max_iterations=60, tolerance=1e-10)
+    assert out.transform.shape == (3, 4, 4) and out.converged.shape == (3,)
+    assert rotation_error(out.rotation, T[:, :3, :3]).max() < 1e-5
+    assert (out.translation - T[:, :3, 3]).abs().max() < 1e-7
+    assert out.converged.all()
+    assert out.final_error.max() < 1e-6
+
+
+def test_one_procrustes_step_is_exact_once_correspondences_are_right():
+    # a large motion, started close enough that every nearest neighbour is the true partner
+    src, _, tgt, _, T = _pair(batch=2, angle=2.5, shift=1.0)
+    init = diffcp.apply_twist(T, torch.full((2, 6), 1e-4, dtype=F64))
+    out = diffcp.icp(src, tgt, init=init, max_iterations=1, tolerance=0)
+    assert rotation_error(out.rotation, T[:, :3, :3]).max() < 1e-6
+    assert (out.translation - T[:, :3, 3]).abs().max() < 1e-9
+
+
+def test_float32_works_and_unbatched_input_gives_unbatched_output():
+    src, _, tgt, _, T = _pair(batch=1, dtype=torch.float32)
+    out = diffcp.icp(src[0], tgt[0])
+    assert out.transform.shape == (4, 4) and out.transform.dtype == torch.float32
+    assert out.converged.shape == () and out.errors.dim() == 1
+    assert rotation_error(out.rotation, T[0, :3, :3]) < 1e-2
+
+
+def test_errors_decrease_and_iterations_are_per_element():
+    src, _, tgt, _, T = _pair(batch=2, angle=0.3)
+    # element 1 starts at the answer: it converges at once while element 0 keeps iterating
+    init = torch.stack([torch.eye(4, dtype=F64), T[1]])
+    out = diffcp.icp(src, tgt, init=init, max_iterations=50, tolerance=1e-9)
+    assert out.iterations[1] <= 2 < out.iterations[0]
+    e = out.errors[0, : int(out.iterations[0])]
+    assert (e[1:] <= e[:-1] + 1e-12).all()
+
+
+def test_converged_elements_stop_changing():
+    src, _, tgt, _, T = _pair(batch=2, angle=0.3)
+    init = torch.stack([torch.eye(4, dtype=F64), T[1]])
+    a = diffcp.icp(src, tgt, init=init, max_iterations=50, tolerance=1e-9)
+    assert a.converged.all() and a.iterations[1] < a.iterations[0]
+    # stopping right when element 1 converged gives bit-for-bit the same transform for it
+    b = diffcp.icp(src, tgt, init=init, max_iterations=int(a.iterations[1]), tolerance=1e-9)
+    assert torch.equal(a.transform[1], b.transform[1])
+    assert not torch.equal(a.transform[0], b.transform[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# batching, padding, order
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("correspondence", ["nn", "soft_nn"])
+@pytest.mark.parametrize("solver,metric", [("procrustes", "point_to_point"), ("linear", "point_to_plane")])
+def test_batch_equals_loop(correspondence, solver, metric):
+    src, src_n, tgt, tgt_n, T = _pair(batch=3, angle=0.3, n=300)
+    kw = dict(correspondence=correspondence, solver=solver, metric=metric, max_iterations=8, tolerance=0,
+              temperature=1e-3 if correspondence == "soft_nn" else None)
+    batched = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, **kw)
+    for b in range(3):
+        single = diffcp.icp(src[b], tgt[b], source_normals=src_n[b], target_normals=tgt_n[b], **kw)
+        torch.testing.assert_close(batched.transform[b], single.transform, atol=1e-10, rtol=0)
+
+
+def test_padded_batch_equals_unpadded():
+    a = _pair("bumpy_sphere", n=300, angle=0.3, seed=1)
+    b = _pair("torus", n=200, angle=0.3, seed=2)
+    # pad cloud b (source 200 and target 200 points) to 300 with garbage far away
+    pad = torch.full((1, 100, 3), 50.0, dtype=F64)
+    src = torch.cat([a[0], torch.cat([b[0], pad], 1)])
+    tgt = torch.cat([a[2], torch.cat([b[2], pad], 1)])
+    lengths = torch.tensor([300, 200])
+    out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=lengths, max_iterations=20, tolerance=0)
+    ref_b = diffcp.icp(b[0], b[2], max_iterations=20, tolerance=0)
+    ref_a = diffcp.icp(a[0], a[2], max_iterations=20, tolerance=0)
+    torch.testing.assert_close(out.transform[1], ref_b.transform[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out.transform[0], ref_a.transform[0], atol=1e-10, rtol=0)
+    assert torch.isfinite(out.transform).all()
+
+
+def test_invariant_to_point_order():
+    src, _, tgt, _, _ = _pair(angle=0.3)
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.randperm(src.shape[1], generator=g), torch.randperm(tgt.shape[1], generator=g)
+    a = diffcp.icp(src, tgt, max_iterations=15, tolerance=0)
+    b = diffcp.icp(src[:, p], tgt[:, q], max_iterations=15, tolerance=0)
+    torch.testing.assert_close(a.transform, b.transform, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with Open3D
+# ---------------------------------------------------------------------------------------------
+
+o3d = pytest.importorskip("open3d")
+reg = o3d.pipelines.registration
+
+
+def _o3d_cloud(points, normals=None):
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.numpy()))
+    if normals is not None:
+        pc.normals = o3d.utility.Vector3dVector(normals.numpy())
+    return pc
+
+
+# Shapes without a continuous symmetry: on a torus or a capsule the cost is flat along the axis of
+# symmetry, and two solvers that parametrise the update differently (Open3D composes Euler angles,
+# diffcp the exponential map) drift apart along that flat direction by a few hundredths of a degree.
+@pytest.mark.parametrize("shape", ["bumpy_sphere", "bumpy_sphere_2", "box"])
+@pytest.mark.parametrize("kind", ["point_to_point", "point_to_plane"])
+def test_parity_with_open3d(shape, kind):
+    g = torch.Generator().manual_seed(3)
+    src, src_n = sample(shape, 800, seed=1)
+    tgt_pts, tgt_n = sample(shape, 800, seed=2)  # a different sampling of the same surface
+    T = random_transform(1, max_angle=0.35, max_translation=0.1, generator=g, dtype=F64)[0]
+    tgt = tgt_pts @ T[:3, :3].T + T[:3, 3]
+    tgt_n = tgt_n @ T[:3, :3].T
+    iters = 60
+    est = reg.TransformationEstimationPointToPoint() if kind == "point_to_point" else reg.TransformationEstimationPointToPlane()
+    crit = reg.ICPConvergenceCriteria(relative_fitness=0.0, relative_rmse=0.0, max_iteration=iters)
+    res = reg.registration_icp(_o3d_cloud(src), _o3d_cloud(tgt, tgt_n), 10.0, np.eye(4), est, crit)
+    T_o3d = torch.as_tensor(np.asarray(res.transformation))
+    solver = "procrustes" if kind == "point_to_point" else "linear"
+    out = diffcp.icp(src, tgt, target_normals=tgt_n, metric=kind, solver=solver, max_iterations=iters, tolerance=0)
+    assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-3  # degrees
+    assert (out.translation - T_o3d[:3, 3]).norm() < 1e-4
+    if shape.startswith("bumpy") and kind == "point_to_plane":  # no symmetry, fast convergence: the truth
+        assert rotation_error(out.rotation, T[:3, :3]) < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def _small(n=10, seed=0):
+    src, src_n, tgt, tgt_n, T = _pair("bumpy_sphere", n=n, angle=0.15, shift=0.05, seed=seed)
+    return src, src_n, tgt, tgt_n
+
+
+@pytest.mark.parametrize("solver,metric", SOLVER_METRICS)
+def test_gradcheck_unrolled_icp_soft(solver, metric):
+    src, src_n, tgt, tgt_n = _small()
+
+    def f(s, t):
+        out = diffcp.icp(s, t, source_normals=src_n, target_normals=tgt_n, correspondence="soft_nn",
+                         temperature=0.05, solver=solver, metric=metric, max_iterations=3, tolerance=0,
+                         lm_iterations=2)
+        return out.transform[:, :3, :]
+
+    assert torch.autograd.gradcheck(f, (src.clone().requires_grad_(), tgt.clone().requires_grad_()))
+
+
+def test_gradcheck_unrolled_icp_hard_nn_wrt_target_and_weights():
+    src, src_n, tgt, tgt_n = _small(n=12)
+
+    def f(t, tn):
+        out = diffcp.icp(src, t, source_normals=src_n, target_normals=tn, metric="point_to_plane",
+                         solver="linear", max_iterations=3, tolerance=0, reject_distance=2.0,
+                         rejection_temperature=0.1)
+        return out.transform[:, :3, :]
+
+    assert torch.autograd.gradcheck(f, (tgt.clone().requires_grad_(), tgt_n.clone().requires_grad_()))
+
+
+def _fixed_point(mode, solver="procrustes", metric="point_to_point"):
+    src, src_n, tgt, tgt_n = _small(n=10, seed=1)
+
+    def f(t):
+        out = diffcp.icp(src, t, source_normals=src_n, target_normals=tgt_n, correspondence="soft_nn",
+                         temperature=0.05, solver=solver, metric=metric, max_iterations=300,
+                         tolerance=1e-14, backward=mode, truncate_iterations=40)
+        return out.transform[:, :3, :]
+
+    return f, tgt.clone().requires_grad_()
+
+
+@pytest.mark.parametrize("mode", ["implicit", "truncated", "unroll"])
+def test_backward_modes_match_finite_differences_at_the_fixed_point(mode):
+    f, t = _fixed_point(mode)
+    assert torch.autograd.gradcheck(f, (t,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("solver,metric", [("linear", "point_to_plane"), ("lm", "symmetric")])
+def test_implicit_gradient_other_solvers(solver, metric):
+    f, t = _fixed_point("implicit", solver, metric)
+    assert torch.autograd.gradcheck(f, (t,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_init_gradient_zero_for_hard_procrustes_nonzero_for_soft():
+    src, _, tgt, _ = _small(n=30)
+    init = torch.eye(4, dtype=F64)[None].clone().requires_grad_()
+    hard = diffcp.icp(src, tgt, init=init, max_iterations=5, tolerance=0)
+    (g_hard,) = torch.autograd.grad(hard.transform.sum(), init)
+    assert torch.equal(g_hard, torch.zeros_like(g_hard))
+    soft = diffcp.icp(src, tgt, init=init, correspondence="soft_nn", temperature=0.05, max_iterations=5, tolerance=0)
+    (g_soft,) = torch.autograd.grad(soft.transform.sum(), init)
+    assert g_soft.abs().max() > 1e-3
+
+
+def test_init_gradient_vanishes_at_convergence_for_gauss_newton():
+    # zero-residual problem: at the solution the Gauss-Newton map has zero derivative
+    # (the start is perturbed along the rotation manifold: a 4x4 init that is not a rigid motion
+    # keeps its non-rigid part under the left-twist updates, so its gradient there is not zero)
+    src, src_n, tgt, tgt_n = _small(n=300)
+    xi = torch.zeros(1, 6, dtype=F64, requires_grad=True)
+    init = diffcp.apply_twist(torch.eye(4, dtype=F64)[None], xi)
+    out = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="linear",
+                     max_iterations=30, tolerance=0)
+    assert out.final_error.max() < 1e-10
+    (g,) = torch.autograd.grad(out.transform[:, :3, :].sum(), xi)
+    assert g.abs().max() < 1e-6
+    # before convergence the start still matters
+    init = diffcp.apply_twist(torch.eye(4, dtype=F64)[None], xi)
+    early = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="linear",
+                       max_iterations=1, tolerance=0)
+    (g1,) = torch.autograd.grad(early.transform[:, :3, :].sum(), xi)
+    assert g1.abs().max() > 1e-3
+
+
+def test_truncated_mode_keeps_only_the_last_iterations():
+    src, _, tgt, _ = _small(n=30)
+    init = torch.eye(4, dtype=F64)[None].clone().requires_grad_()
+    tgt = tgt.clone().requires_grad_()
+    kw = dict(init=init, correspondence="soft_nn", temperature=0.05, tolerance=0, backward="truncated")
+    out = diffcp.icp(src, tgt, max_iterations=10, truncate_iterations=3, **kw)
+    g_init, g_tgt = torch.autograd.grad(out.transform.sum(), (init, tgt), allow_unused=True)
+    assert g_init is None and g_tgt.abs().max() > 0
+    assert int(out.iterations[0]) == 10
+    # keeping every iteration is the unrolled gradient
+    full = diffcp.icp(src, tgt, max_iterations=3, truncate_iterations=3, **kw)
+    unrolled = diffcp.icp(src, tgt, init=init, correspondence="soft_nn", temperature=0.05, tolerance=0, max_iterations=3)
+    g1 = torch.autograd.grad(full.transform.sum(), (init, tgt))
+    g2 = torch.autograd.grad(unrolled.transform.sum(), (init, tgt))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradients_never_nan_on_symmetric_and_degenerate_shapes():
+    cube = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)], dtype=F64)
+    line = torch.linspace(0, 1, 10, dtype=F64)[:, None] * torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    dup = torch.zeros(5, 3, dtype=F64) + torch.tensor([0.3, 0.1, 0.2], dtype=F64)
+    for cloud in (cube, line, torch.cat([dup, cube])):
+        t = cloud.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = diffcp.icp(cloud, t, correspondence="soft_nn", temperature=0.1, max_iterations=4, tolerance=0)
+        (g,) = torch.autograd.grad(out.transform.sum(), t)
+        assert torch.isfinite(out.transform).all() and torch.isfinite(g).all()
+
+
+def test_collinear_points_warn_about_ambiguity():
+    line = torch.linspace(0, 1, 10, dtype=F64)[:, None] * torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    with pytest.warns(RuntimeWarning, match="ambiguous"):
+        diffcp.icp(line, line + 0.01, max_iterations=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+X = torch.rand(20, 3, dtype=F64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(source=X.clone().index_fill_(0, torch.tensor([3]), float("nan"))), ValueError, "source contains NaN"),
+        (dict(target=X.clone().index_fill_(0, torch.tensor([3]), float("inf"))), ValueError, "target contains NaN or Inf"),
+        (dict(source=X[:0]), ValueError, "source must hold at least 3"),
+        (dict(source=X[:2]), ValueError, "source must hold at least 3"),
+        (dict(source=torch.rand(20, 2, dtype=F64)), ValueError, r"source must have shape \(N, 3\)"),
+        (dict(source=X[None].expand(2, 20, 3)), ValueError, "batch sizes must match"),
+        (dict(source=X[None].expand(2, 20, 3), target=X[None].expand(2, 20, 3), source_lengths=torch.tensor([20, 21])),
+         ValueError, "source_lengths must lie in"),
+        (dict(source=X[None], target=X[None], target_lengths=torch.tensor([1])), ValueError, "target_lengths must lie in"),
+        (dict(source=torch.randint(0, 5, (20, 3))), TypeError, "source must have a floating-point dtype"),
+        (dict(target=X.float()), TypeError, "target has dtype"),
+        (dict(correspondence="soft_nn", temperature=0.0), ValueError, "temperature must be a finite positive"),
+        (dict(correspondence="soft_nn", temperature=-1.0), ValueError, "temperature"),
+        (dict(metric="point_to_plane", solver="linear"), ValueError, "target_normals are required"),
+        (dict(metric="symmetric", solver="linear", target_normals=X), ValueError, "source_normals are required"),
+        (dict(metric="point_to_plane"), ValueError, "solver='procrustes' solves the point_to_point"),
+        (dict(correspondence="closest"), ValueError, "correspondence must be one of"),
+        (dict(metric="plane"), ValueError, "metric must be one of"),
+        (dict(solver="svd"), ValueError, "solver must be one of"),
+        (dict(backward="adjoint"), ValueError, "backward must be one of"),
+        (dict(max_iterations=0), ValueError, "max_iterations must be a positive integer"),
+        (dict(init=torch.eye(3, dtype=F64)), ValueError, r"init must have shape \(4, 4\)"),
+        (dict(reject_angle=270.0), ValueError, "reject_angle"),
+        (dict(robust_kernel="l1"), ValueError, "robust_kernel must be one of"),
+        (dict(source=[[0.0, 0.0, 0.0]] * 5), TypeError, "source must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_clear_errors(kwargs, error, match):
+    args = dict(source=X, target=X + 0.1)
+    args.update(kwargs)
+    source, target = args.pop("source"), args.pop("target")
+    with pytest.raises(error, match=match):
+        diffcp.icp(source, target, **args)
+
+
+def test_projective_requires_intrinsics():
+    with pytest.raises(ValueError, match="intrinsics"):
+        diffcp.icp(X, torch.ones(8, 8, dtype=F64), correspondence="projective")
+
+
+# ---------------------------------------------------------------------------------------------
+# projective association end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _sphere_depth(H=48, W=48, f=40.0, center=(0.0, 0.0, 3.0), radius=1.0):
+    """Depth map of a sphere seen by a pinhole camera at the origin looking along +z."""
+    v, u = torch.meshgrid(torch.arange(H, dtype=F64), torch.arange(W, dtype=F64), indexing="ij")
+    d = torch.stack([(u - W / 2) / f, (v - H / 2) / f, torch.ones_like(u)], -1)
+    c = torch.tensor(center, dtype=F64)
+    # solve |s d - c|^2 = r^2 for the ray parameter s (z = s since d_z = 1)
+    a = (d * d).sum(-1)
+    b = -2 * (d * c).sum(-1)
+    cc = (c * c).sum() - radius**2
+    disc = b * b - 4 * a * cc
+    s = (-b - disc.clamp_min(0).sqrt()) / (2 * a)
+    depth = torch.where(disc > 0, s, torch.zeros_like(s))
+    K = torch.tensor([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]], dtype=F64)
+    return depth, K
+
+
+def test_projective_icp_recovers_small_motion():
+    depth, K = _sphere_depth()
+    pts, valid = diffcp.depth_to_points(depth[None], K[None])
+    src = pts[0][valid[0]][::3]
+    T = make_transform(diffcp.so3_exp(torch.tensor([0.0, 0.03, 0.02], dtype=F64)), torch.tensor([0.02, -0.01, 0.0], dtype=F64))
+    src_moved = transform_points(diffcp.invert_transform(T), src)  # the source seen before the motion
+    out = diffcp.icp(src_moved, depth, correspondence="projective", intrinsics=K, metric="point_to_plane",
+                     solver="linear", max_iterations=30, tolerance=1e-9)
+    # a sphere only fixes its centre: check the registered points lie on the sphere's surface
+    moved = transform_points(out.transform, src_moved)
+    r = (moved - torch.tensor([0.0, 0.0, 3.0], dtype=F64)).norm(dim=-1)
+    assert (r - 1).abs().max() < 5e-3
