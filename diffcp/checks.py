@@ -8,7 +8,8 @@ to skip those in a hot loop once inputs are known to be good.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+import contextlib
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ ENABLED = True
 
 __all__ = [
     "ENABLED",
+    "disabled",
     "as_batched_points",
     "check_lengths",
     "check_option",
@@ -26,6 +28,21 @@ __all__ = [
     "check_normals",
     "lengths_mask",
 ]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Skip the value checks (NaN/Inf, length ranges) inside the block.
+
+    :func:`diffcp.icp` validates its inputs once and then runs the step functions under this
+    context, so the loop never synchronises with the device to re-check what it already checked.
+    """
+    global ENABLED
+    previous, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def check_option(name: str, value: str, allowed: Sequence[str]) -> str:

@@ -477,7 +477,23 @@ def icp(
         damping=float(damping),
     )
     scale = _cloud_scale(source.detach(), source_lengths)
+    checks_enabled = checks.ENABLED
+    with checks.disabled():
+        T, converged, count, errors = _solve(problem, T0, backward, max_iterations, truncate_iterations, tolerance, scale)
 
+    if solver == "procrustes" and checks_enabled:
+        _warn_if_ambiguous(problem, T)
+
+    R, t = split_transform(T)
+    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1])
+    if unbatched:
+        out = ICPResult(*(f[0] for f in out))
+    return out
+
+
+def _solve(problem: _Problem, T0: Tensor, backward: str, max_iterations: int, truncate_iterations: int,
+           tolerance: float, scale: Tensor):
+    """Run the loop in the requested backward mode: ``(T, converged, count, errors)``."""
     if backward == "unroll":
         T, converged, count, errors = _run(problem, T0, max_iterations, tolerance, scale, freeze=True)
     elif backward == "truncated":
@@ -496,15 +512,7 @@ def icp(
             T, converged, count, errors = _run(problem, T0, max_iterations, tolerance, scale, freeze=True)
         if torch.is_grad_enabled():
             T, _ = _implicit(problem, T.detach())
-
-    if solver == "procrustes" and checks.ENABLED:
-        _warn_if_ambiguous(problem, T)
-
-    R, t = split_transform(T)
-    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1])
-    if unbatched:
-        out = ICPResult(*(f[0] for f in out))
-    return out
+    return T, converged, count, errors
 
 
 def _warn_if_ambiguous(p: _Problem, T: Tensor) -> None:
