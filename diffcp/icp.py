@@ -50,7 +50,7 @@ from .geometry import (
     transform_points,
     twist_between,
 )
-from .minimize.gauss_newton import gauss_newton_step
+from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
 from .minimize.procrustes import procrustes, procrustes_conditioning
 from .minimize.residuals import residuals, weighted_cost
@@ -481,8 +481,8 @@ def icp(
     with checks.disabled():
         T, converged, count, errors = _solve(problem, T0, backward, max_iterations, truncate_iterations, tolerance, scale)
 
-    if solver == "procrustes" and checks_enabled:
-        _warn_if_ambiguous(problem, T)
+    if checks_enabled:
+        _warn_if_ambiguous(problem, T.detach(), scale)
 
     R, t = split_transform(T)
     out = ICPResult(T, R, t, converged, count, errors, errors[:, -1])
@@ -515,18 +515,36 @@ def _solve(problem: _Problem, T0: Tensor, backward: str, max_iterations: int, tr
     return T, converged, count, errors
 
 
-def _warn_if_ambiguous(p: _Problem, T: Tensor) -> None:
+def _warn_if_ambiguous(p: _Problem, T: Tensor, scale: Tensor) -> None:
+    """Warn (once, naming the batch elements) where the data do not determine the transform.
+
+    Procrustes: the sum of the two smallest signed singular values of the cross-covariance is
+    (relatively) zero, e.g. collinear points. Gauss-Newton / LM: the normal equations, written
+    about the centroid with the rotation columns scaled by the cloud's radius, are singular, e.g.
+    point-to-plane on a single plane (it slides along the plane).
+    """
     with torch.no_grad():
-        match = _match(p, transform_points(T, p.source))
+        R, _ = split_transform(T)
+        y = transform_points(T, p.source)
+        match = _match(p, y)
         w = p.source_weights * match.valid.to(T.dtype)
-        cond = procrustes_conditioning(p.source, match.points, weights=w)
-        bad = cond < 1e-6
+        if p.solver == "procrustes":
+            cond = procrustes_conditioning(p.source, match.points, weights=w)
+        else:
+            ny = rotate_vectors(R, p.source_normals) if p.source_normals is not None else None
+            c = (y * w[..., None]).sum(1) / w.sum(1).clamp_min(torch.finfo(T.dtype).tiny)[:, None]
+            A, _, _ = normal_equations(p.metric, y - c[:, None], match.points - c[:, None], w,
+                                       target_normals=match.normals, source_normals=ny)
+            d = torch.cat([1 / scale[:, None].expand(-1, 3), torch.ones_like(scale)[:, None].expand(-1, 3)], 1)
+            ev = torch.linalg.eigvalsh(A * d[:, :, None] * d[:, None, :])
+            cond = ev[:, 0] / ev[:, -1].clamp_min(torch.finfo(T.dtype).tiny)
+        bad = cond < (1e-6 if p.solver == "procrustes" else 1e-9)
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
             warnings.warn(
-                f"ICP: the rotation is ambiguous for batch elements {idx} (the matched points are "
-                "collinear or otherwise degenerate); the result is one of several equally good "
-                "rotations and its gradient is regularised.",
+                f"ICP: the transform is ambiguous for batch elements {idx}: the matched points do not "
+                "determine it (collinear points, a single plane for point-to-plane, ...). The result is "
+                "one of several equally good transforms and its gradient is regularised.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -316,8 +316,27 @@ def test_gradients_never_nan_on_symmetric_and_degenerate_shapes():
 
 def test_collinear_points_warn_about_ambiguity():
     line = torch.linspace(0, 1, 10, dtype=F64)[:, None] * torch.tensor([1.0, 0.0, 0.0], dtype=F64)
-    with pytest.warns(RuntimeWarning, match="ambiguous"):
+    with pytest.warns(RuntimeWarning, match=r"ambiguous for batch elements \[0\]"):
         diffcp.icp(line, line + 0.01, max_iterations=3)
+
+
+def test_point_to_plane_on_a_single_plane_warns_and_stays_finite():
+    g = torch.Generator().manual_seed(0)
+    plane = torch.cat([torch.rand(200, 2, generator=g, dtype=F64), torch.zeros(200, 1, dtype=F64)], 1)
+    normals = torch.tensor([0.0, 0.0, 1.0], dtype=F64).expand(200, 3)
+    with pytest.warns(RuntimeWarning, match="ambiguous"):
+        out = diffcp.icp(plane, plane + torch.tensor([0.0, 0.0, 0.05], dtype=F64), target_normals=normals,
+                         metric="point_to_plane", solver="linear", max_iterations=10)
+    assert torch.isfinite(out.transform).all()
+    assert abs(float(out.translation[2]) - 0.05) < 1e-9  # the determined part is right
+
+
+def test_well_posed_problems_do_not_warn():
+    src, src_n, tgt, tgt_n, _ = _pair(batch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffcp.icp(src, tgt, max_iterations=5)
+        diffcp.icp(src, tgt, target_normals=tgt_n, metric="point_to_plane", solver="linear", max_iterations=5)
 
 
 # ---------------------------------------------------------------------------------------------
