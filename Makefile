@@ -21,7 +21,7 @@ setup-test:
 
 build-book:
 	rm -rf _build/html
-	$(PYTHON) -m jupyter_book build . -W -n --keep-going
+	jupyter-book build . -W -n --keep-going
 
 # Re-execute every chapter in place to refresh its stored outputs (commit the result).
 notebooks:
