@@ -456,7 +456,7 @@ def icp(
 
     index = None
     if correspondence == "nn":
-        index = NearestNeighborIndex(target.detach(), target_lengths, backend=search_backend)
+        index = NearestNeighborIndex(target.detach(), target_lengths, backend=search_backend, warm_start=True)
     if correspondence == "soft_nn" and temperature is None:
         with torch.no_grad():
             nn = knn(target, target, target_lengths, target_lengths, k=2, backend=search_backend)

@@ -177,3 +177,28 @@ def test_bad_input():
         knn(q, p, query_lengths=torch.tensor([11, 3]))
     with pytest.raises(ValueError, match="NaN"):
         knn(q, p.masked_fill(torch.rand(2, 5, 3) > 0.5, float("nan")))
+
+
+def test_warm_start_queries_equal_cold_queries_as_the_query_moves():
+    # an ICP-like sequence: small moves (certified from the previous answer), then a jump far
+    # away (the certificate fails and the tree answers), with padding on both sides
+    g = torch.Generator().manual_seed(7)
+    pts = torch.rand(3, 400, 3, generator=g, dtype=torch.float64)
+    plen = torch.tensor([400, 250, 17])
+    q = torch.rand(3, 300, 3, generator=g, dtype=torch.float64)
+    qlen = torch.tensor([300, 120, 299])
+    warm = NearestNeighborIndex(pts, plen, backend="tree", warm_start=True, warm_neighbors=8)
+    cold = NearestNeighborIndex(pts, plen, backend="tree")
+    fractions = []
+    for step in range(6):
+        move = 0.01 * torch.randn(q.shape, generator=g, dtype=torch.float64)
+        q = q + (move if step != 3 else 5.0)  # step 3 jumps far: nothing is certified
+        a, b = warm.query(q, qlen), cold.query(q, qlen)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.sq_distances, b.sq_distances, rtol=0, atol=0)
+        fractions.append(warm.certified_fraction)
+    assert fractions[0] is None  # the first query has no previous answer: the tree answers
+    assert fractions[3] == 0.0  # after the jump nothing is certified: every query went to the tree
+    assert any(0.0 < f < 1.0 for f in fractions[1:3])  # both paths exercised on small moves
+    # the fallback to the tree is exercised at every step
+    assert all(f < 1.0 for f in fractions[1:])

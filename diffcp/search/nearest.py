@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,10 +58,21 @@ class NearestNeighborIndex:
     the matmul backend the index only stores the points. ``"auto"`` decides per query (see
     :func:`knn`).
 
+    Warm start (``warm_start=True``, tree backend, ``k=1``): ICP's queries move little from one
+    iteration to the next, so the previous answer ``j`` is a good guess. With ``r_j`` the distance
+    from ``p_j`` to its ``K``-th nearest neighbour in the target (precomputed once) and
+    ``d = |y - p_j|``, every point closer to ``y`` than ``p_j`` lies within ``2 d`` of ``p_j``; so
+    if ``2 d < r_j`` the exact nearest neighbour of ``y`` is among ``p_j`` and its ``K``
+    neighbours, and checking those ``K + 1`` candidates certifies it. Only the queries without the
+    certificate go to the tree. The answer is exactly the tree's (up to exact ties); only the
+    time changes.
+
     Args:
         points: ``(B, M, 3)`` (or ``(M, 3)``) cloud(s) to search in.
         lengths: optional ``(B,)`` int64 valid point counts; padding is never returned.
         backend: ``"auto"``, ``"tree"`` or ``"matmul"``.
+        warm_start: reuse the previous query's answer as a certified guess (see above).
+        warm_neighbors: ``K``, the size of each target point's precomputed neighbourhood.
 
     Example:
         >>> pts = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [5, 0, 0]]])
@@ -69,13 +81,53 @@ class NearestNeighborIndex:
         [[[1, 0]]]
     """
 
-    def __init__(self, points: Tensor, lengths: Optional[Tensor] = None, backend: str = "auto"):
+    def __init__(self, points: Tensor, lengths: Optional[Tensor] = None, backend: str = "auto",
+                 warm_start: bool = False, warm_neighbors: int = 16):
         self.backend = checks.check_option("backend", backend, BACKENDS)
         self.points, self._unbatched = checks.as_batched_points("points", points)
         B, M, _ = self.points.shape
         self.lengths = checks.check_lengths("lengths", lengths, B, M, self.points.device)
         self._min_length = int(self.lengths.min())
         self._tree: Optional[BatchTree] = None
+        self.warm_start = bool(warm_start)
+        self.warm_neighbors = int(warm_neighbors)
+        self._previous: Optional[Tensor] = None  # (B, N) last k=1 answer, for the warm start
+        self._graph: Optional[Tensor] = None  # (B, M, K+1) each point's K+1 nearest (itself first)
+        self._radius: Optional[Tensor] = None  # (B, M) distance to the farthest of them
+        self._points64: Optional[Tensor] = None
+        self.certified_fraction: Optional[float] = None  # of the last warm query (diagnostics)
+
+    def _build_graph(self) -> None:
+        B, M, _ = self.points.shape
+        kk = min(self.warm_neighbors + 1, self._min_length)
+        graph = self._tree.query(self.points, self.lengths, kk)  # (B, M, kk)
+        self._points64 = self.points.detach().to(torch.float64)
+        far = gather_points(self._points64, graph[..., -1:])[:, :, 0]
+        radius = (self._points64 - far).norm(dim=-1)
+        # a cloud whose every point is in the candidate set needs no certificate
+        whole = (self.lengths <= kk)[:, None].expand(B, M)
+        self._radius = torch.where(whole, torch.full_like(radius, float("inf")), radius)
+        self._graph = graph
+
+    def _warm_query(self, query: Tensor, query_lengths: Tensor) -> Tensor:
+        """Certified k=1 search from the previous answer; uncertified queries go to the tree."""
+        if self._graph is None:
+            self._build_graph()
+        B, N, _ = query.shape
+        j = self._previous  # (B, N)
+        q = query.detach().to(torch.float64)
+        cand = self._graph.gather(1, j[..., None].expand(-1, -1, self._graph.shape[-1]))  # (B, N, kk)
+        d2 = ((q[:, :, None, :] - gather_points(self._points64, cand)) ** 2).sum(-1)
+        best = cand.gather(-1, d2.argmin(-1, keepdim=True))  # (B, N, 1)
+        d_prev = d2[..., 0].sqrt()  # candidate 0 is p_j itself
+        r = self._radius.gather(1, j)
+        qmask = checks.lengths_mask(query_lengths, N)
+        certified = (2 * d_prev * (1 + 1e-12) < r) | ~qmask
+        self.certified_fraction = float((certified & qmask).sum()) / max(int(qmask.sum()), 1)
+        if not bool(certified.all()):
+            rest = (~certified).cpu().numpy()
+            best = torch.where(certified[..., None], best, self._tree.query_mask(query, rest, 1))
+        return best.masked_fill(~qmask[..., None], 0)
 
     def _pick(self, n_query: int) -> str:
         if self.backend != "auto":
@@ -114,7 +166,13 @@ class NearestNeighborIndex:
         if self._pick(N) == "tree":
             if self._tree is None:
                 self._tree = BatchTree(self.points, self.lengths)
-            indices = self._tree.query(query, query_lengths, k)
+            warm = self.warm_start and k == 1
+            if warm and self._previous is not None and self._previous.shape == (B, N):
+                indices = self._warm_query(query, query_lengths)
+            else:
+                indices = self._tree.query(query, query_lengths, k)
+            if warm:
+                self._previous = indices[..., 0]
         else:
             indices = knn_indices_matmul(query, self.points, self.lengths, k)
             indices = indices.masked_fill(~checks.lengths_mask(query_lengths, N)[..., None], 0)

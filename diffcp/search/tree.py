@@ -66,8 +66,13 @@ class BatchTree:
         Padded query rows (index ``>= query_lengths[b]``) get index 0. Requires ``k`` to be at
         most the smallest cloud's length.
         """
-        B, N, _ = query.shape
+        N = query.shape[1]
         qmask = np.arange(N)[None, :] < query_lengths.detach().cpu().numpy()[:, None]
+        return self.query_mask(query, qmask, k)
+
+    def query_mask(self, query: Tensor, qmask: np.ndarray, k: int) -> Tensor:
+        """Like :meth:`query` for the query rows where the ``(B, N)`` bool array ``qmask`` is set."""
+        B, N, _ = query.shape
         cloud = np.nonzero(qmask)[0]
         q = _host(query)[qmask] - self.centre[cloud]
         reach = float(np.sqrt((q**2).sum(-1)).max(initial=0.0))
