@@ -61,11 +61,11 @@ class NearestNeighborIndex:
     Warm start (``warm_start=True``, tree backend, ``k=1``): ICP's queries move little from one
     iteration to the next, so the previous answer ``j`` is a good guess. With ``r_j`` the distance
     from ``p_j`` to its ``K``-th nearest neighbour in the target (precomputed once) and
-    ``d = |y - p_j|``, every point closer to ``y`` than ``p_j`` lies within ``2 d`` of ``p_j``; so
-    if ``2 d < r_j`` the exact nearest neighbour of ``y`` is among ``p_j`` and its ``K``
-    neighbours, and checking those ``K + 1`` candidates certifies it. Only the queries without the
-    certificate go to the tree. The answer is exactly the tree's (up to exact ties); only the
-    time changes.
+    ``d = |y - p_j|`` and ``d*`` the distance to the best of ``p_j`` and its ``K`` neighbours, every
+    point closer to ``y`` than that best candidate lies within ``d* + d`` of ``p_j``; so if
+    ``d* + d < r_j`` the best candidate is the exact nearest neighbour of ``y``. Only the queries without the
+    certificate go to the tree. The answer is the tree's up to ties at rounding level (distances
+    are compared in the query's dtype); only the time changes.
 
     Args:
         points: ``(B, M, 3)`` (or ``(M, 3)``) cloud(s) to search in.
@@ -93,36 +93,42 @@ class NearestNeighborIndex:
         self.warm_neighbors = int(warm_neighbors)
         self._previous: Optional[Tensor] = None  # (B, N) last k=1 answer, for the warm start
         self._graph: Optional[Tensor] = None  # (B, M, K+1) each point's K+1 nearest (itself first)
-        self._radius: Optional[Tensor] = None  # (B, M) distance to the farthest of them
-        self._points64: Optional[Tensor] = None
+        self._radius2: Optional[Tensor] = None  # (B, M) squared distance to the farthest of them
+        self._planes: Optional[Tensor] = None
         self.certified_fraction: Optional[float] = None  # of the last warm query (diagnostics)
 
     def _build_graph(self) -> None:
         B, M, _ = self.points.shape
         kk = min(self.warm_neighbors + 1, self._min_length)
-        graph = self._tree.query(self.points, self.lengths, kk)  # (B, M, kk)
-        self._points64 = self.points.detach().to(torch.float64)
-        far = gather_points(self._points64, graph[..., -1:])[:, :, 0]
-        radius = (self._points64 - far).norm(dim=-1)
+        graph = self._tree.query(self.points, self.lengths, kk)  # (B, M, kk), itself first
+        points = self.points.detach()
+        far = gather_points(points, graph[..., -1:])[:, :, 0]
+        radius2 = ((points - far) ** 2).sum(-1)
         # a cloud whose every point is in the candidate set needs no certificate
         whole = (self.lengths <= kk)[:, None].expand(B, M)
-        self._radius = torch.where(whole, torch.full_like(radius, float("inf")), radius)
+        self._radius2 = torch.where(whole, torch.full_like(radius2, float("inf")), radius2)
         self._graph = graph
+        self._planes = points.transpose(1, 2).contiguous()  # (B, 3, M): one gather per coordinate
 
     def _warm_query(self, query: Tensor, query_lengths: Tensor) -> Tensor:
         """Certified k=1 search from the previous answer; uncertified queries go to the tree."""
         if self._graph is None:
             self._build_graph()
         B, N, _ = query.shape
+        kk = self._graph.shape[-1]
         j = self._previous  # (B, N)
-        q = query.detach().to(torch.float64)
-        cand = self._graph.gather(1, j[..., None].expand(-1, -1, self._graph.shape[-1]))  # (B, N, kk)
-        d2 = ((q[:, :, None, :] - gather_points(self._points64, cand)) ** 2).sum(-1)
-        best = cand.gather(-1, d2.argmin(-1, keepdim=True))  # (B, N, 1)
-        d_prev = d2[..., 0].sqrt()  # candidate 0 is p_j itself
-        r = self._radius.gather(1, j)
+        cand = self._graph.gather(1, j[..., None].expand(-1, -1, kk))  # (B, N, kk)
+        near = self._planes.gather(2, cand.reshape(B, 1, N * kk).expand(-1, 3, -1)).reshape(B, 3, N, kk)
+        d2 = ((query.detach().transpose(1, 2)[..., None] - near) ** 2).sum(1)  # (B, N, kk)
+        d2_best, arg = d2.min(-1, keepdim=True)
+        best = cand.gather(-1, arg)  # (B, N, 1)
+        # Any point closer to y than the best candidate lies within d_best + d_j of p_j (candidate 0
+        # is p_j itself); certified where that is inside p_j's neighbourhood, with a rounding margin.
+        reach = d2_best[..., 0].sqrt() + d2[..., 0].sqrt()
+        r2 = self._radius2.gather(1, j)
         qmask = checks.lengths_mask(query_lengths, N)
-        certified = (2 * d_prev * (1 + 1e-12) < r) | ~qmask
+        eps = 64 * torch.finfo(query.dtype).eps
+        certified = (reach * reach * (1 + eps) < r2 * (1 - eps)) | ~qmask
         self.certified_fraction = float((certified & qmask).sum()) / max(int(qmask.sum()), 1)
         if not bool(certified.all()):
             rest = (~certified).cpu().numpy()

@@ -19,6 +19,10 @@ from torch import Tensor
 
 __all__ = ["BatchTree"]
 
+# Below this many (query x k) rows one thread answers faster than starting SciPy's worker threads
+# (2-core CPU: a call with workers=-1 costs ~5 ms of thread start-up).
+_PARALLEL_MIN_QUERIES = 8192
+
 
 def _host(x: Tensor) -> np.ndarray:
     return x.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -73,14 +77,18 @@ class BatchTree:
     def query_mask(self, query: Tensor, qmask: np.ndarray, k: int) -> Tensor:
         """Like :meth:`query` for the query rows where the ``(B, N)`` bool array ``qmask`` is set."""
         B, N, _ = query.shape
-        cloud = np.nonzero(qmask)[0]
-        q = _host(query)[qmask] - self.centre[cloud]
+        rows = np.nonzero(qmask.reshape(-1))[0]
+        cloud = rows // N
+        flat = query.detach().reshape(B * N, 3)
+        q = flat[torch.from_numpy(rows).to(flat.device)].to(device="cpu", dtype=torch.float64).numpy()
+        q -= self.centre[cloud]
         reach = float(np.sqrt((q**2).sum(-1)).max(initial=0.0))
         if reach > self.reach:
             self._build(reach=2.0 * reach)  # a far query: widen the spacing once
         q[:, 0] += cloud * self.spacing
-        _, idx = self.tree.query(q, k=k, workers=-1)
+        # worker threads are started per call: worth it for many queries only
+        _, idx = self.tree.query(q, k=k, workers=-1 if len(q) * k > _PARALLEL_MIN_QUERIES else 1)
         idx = idx.reshape(-1, k) - self.starts[cloud][:, None]
-        out = np.zeros((B, N, k), dtype=np.int64)
-        out[qmask] = idx
-        return torch.from_numpy(out).to(self.device)
+        out = np.zeros((B * N, k), dtype=np.int64)
+        out[rows] = idx
+        return torch.from_numpy(out.reshape(B, N, k)).to(self.device)
