@@ -16,10 +16,40 @@ Two backends compute the same thing:
   the target centroid to keep ``|p|^2`` small. The backward recomputes the weights in tiles of
   query rows (bounded memory); measured on 2 CPU cores, N = M = 100,000 float32: peak RSS
   285 MiB forward, 450 MiB forward + backward (of which ~260 MiB is the torch runtime).
+* ``"truncated"``: O(N k) time and memory, for the small temperatures ICP uses. The exact
+  ``k`` nearest points of every query (:func:`~diffcp.search.knn`, not differentiable) are the
+  candidates; the softmax runs over them only, with logits ``-|q - p_idx|^2 / T`` recomputed from
+  the gathered coordinates, so gradients reach the query, the points, the values and the
+  temperature through the candidates (autograd through a gather: the backward is O(N k) too).
+  ``k`` is ``min(k, smallest valid cloud length)``.
+
+  Certificate. For one query row let ``d_1^2 <= ... <= d_k^2`` be the squared distances of the
+  candidates and ``M_b`` the valid length of its cloud. Every point outside the candidate set has
+  squared distance ``>= d_k^2``, so with weights normalised to the largest one,
+  ``w_j = exp(-(d_j^2 - d_1^2) / T) <= 1``, the kept mass is ``S_K >= 1`` and the dropped mass is
+
+      S_out <= eps := (M_b - k) exp(-(d_k^2 - d_1^2) / T).
+
+  The exact match is ``(S_K p_K + S_out p_out) / (S_K + S_out)`` with ``p_K`` the truncated match
+  and ``p_out`` the weighted mean of the dropped points, hence
+
+      |p_hat - p_K| = S_out / (S_K + S_out) |p_out - p_K| <= eps * diam(cloud),
+
+  and likewise ``<= eps * (spread of the values)`` for the values; every kept weight is off by a
+  factor ``1 + S_out / S_K`` in ``[1, 1 + eps]``. A row is certified when
+  ``eps <= truncation_tolerance`` (default: the dtype's machine epsilon, so the truncation error
+  is below the rounding error of the exact result), tested in log space so nothing overflows:
+  ``log(M_b - k) - (d_k^2 - d_1^2) / T <= log(tol)``; a row whose candidates are the whole cloud
+  (``M_b = k``, ``log 0 = -inf``) is always certified. If every row of the batch is certified
+  the truncated result is returned; otherwise the whole call falls back to ``"attention"``
+  (exact). Padded query rows count as rows (``soft_nearest`` does not know which they are).
+  :data:`LAST_TRUNCATION_CERTIFIED` records which path the last ``"truncated"`` call took
+  (diagnostics only). Deciding costs one host synchronisation (``knn`` synchronises anyway).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -27,13 +57,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
+from .nearest import gather_points, knn
 
-__all__ = ["SoftMatch", "soft_nearest", "ATTENTION_MIN_PAIRS"]
+__all__ = ["SoftMatch", "soft_nearest", "ATTENTION_MIN_PAIRS", "LAST_TRUNCATION_CERTIFIED"]
 
-BACKENDS = ("auto", "dense", "attention")
+BACKENDS = ("auto", "dense", "attention", "truncated")
 
 # "auto" switches to the attention kernel above this many query-point pairs per cloud.
 ATTENTION_MIN_PAIRS = 1_000_000
+
+# Diagnostics: after each backend="truncated" call, True if every row was certified and the
+# truncated result was returned, False if the call fell back to "attention". None before any call.
+LAST_TRUNCATION_CERTIFIED: Optional[bool] = None
 
 
 class SoftMatch(NamedTuple):
@@ -107,6 +142,26 @@ def _attention(q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor) -> Ten
     return _Attention.apply(a, b, v, valid)
 
 
+def _truncated(q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float) -> Tensor:
+    """Softmax over the ``k`` nearest candidates when certified (see the module docstring), else
+    the attention backend. Sets :data:`LAST_TRUNCATION_CERTIFIED`."""
+    global LAST_TRUNCATION_CERTIFIED
+    k = min(k, int(lengths.min()))
+    idx = knn(q.detach(), p.detach(), points_lengths=lengths, k=k).indices  # (B, N, k), valid only
+    gv = gather_points(v, idx)  # (B, N, k, 3 + C); its first 3 columns are the candidate points
+    sq = ((q[:, :, None, :] - gv[..., :3]) ** 2).sum(-1)  # (B, N, k), differentiable
+    with torch.no_grad():
+        s = sq.detach()
+        gap = (s.amax(-1) - s.amin(-1)) / t.detach()[:, :, 0]  # (d_k^2 - d_1^2) / T, (B, N)
+        log_count = (lengths - k).to(s.dtype).log()[:, None]  # -inf where the k set is the cloud
+        certified = bool(((log_count - gap) <= math.log(tol)).all())
+    LAST_TRUNCATION_CERTIFIED = certified
+    if not certified:
+        return _attention(q, p, v, valid, t)
+    w = torch.softmax(-sq / t, dim=-1)  # t (B, 1, 1) broadcasts over (B, N, k)
+    return torch.einsum("bnk,bnkc->bnc", w, gv)
+
+
 def soft_nearest(
     query: Tensor,
     points: Tensor,
@@ -114,6 +169,9 @@ def soft_nearest(
     points_lengths: Optional[Tensor] = None,
     values: Optional[Tensor] = None,
     backend: str = "auto",
+    *,
+    k: int = 32,
+    truncation_tolerance: Optional[float] = None,
 ) -> SoftMatch:
     """Softmax-weighted average of the points (and values) near each query point.
 
@@ -129,8 +187,15 @@ def soft_nearest(
         points_lengths: optional ``(B,)`` int64 valid point counts.
         values: optional ``(B, M, C)`` per-point values (e.g. normals) to average.
         backend: ``"dense"`` (materialises ``N x M``), ``"attention"`` (O(N + M) memory via
-            ``scaled_dot_product_attention``) or ``"auto"`` (attention when
-            ``N * M > ATTENTION_MIN_PAIRS``).
+            ``scaled_dot_product_attention``), ``"truncated"`` (softmax over the ``k`` nearest
+            points, O(N k), used only where certified, else attention; see the module docstring)
+            or ``"auto"`` (attention when ``N * M > ATTENTION_MIN_PAIRS``, else dense; never
+            truncated).
+        k: candidates per query for ``"truncated"`` (capped at the smallest valid cloud length);
+            a positive integer, ignored by the other backends.
+        truncation_tolerance: largest certified dropped weight relative to the largest weight,
+            ``(M_b - k) exp(-(d_k^2 - d_1^2) / T)``, for ``"truncated"``; the result is then within
+            ``tolerance * diameter`` of the exact match. Default: ``torch.finfo(dtype).eps``.
 
     Returns:
         :class:`SoftMatch` ``(points (B, N, 3), values (B, N, C) or None)``; unbatched if both
@@ -142,6 +207,12 @@ def soft_nearest(
         tensor([[0.5000, 0.0000, 0.0000]])
     """
     backend = checks.check_option("backend", backend, BACKENDS)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (candidates per query); got {k!r}.")
+    if truncation_tolerance is not None:
+        checks.check_positive("truncation_tolerance", truncation_tolerance)
+        if isinstance(truncation_tolerance, Tensor):
+            truncation_tolerance = float(truncation_tolerance)
     query, q_unbatched = checks.as_batched_points("query", query)
     points, p_unbatched = checks.as_batched_points("points", points)
     checks.check_same_device(query=query, points=points, values=values)
@@ -173,7 +244,11 @@ def soft_nearest(
     v = p if values is None else torch.cat([p, values], dim=-1)
     if backend == "auto":
         backend = "attention" if N * M > ATTENTION_MIN_PAIRS else "dense"
-    out = (_attention if backend == "attention" else _dense)(q, p, v, valid, t)
+    if backend == "truncated":
+        tol = truncation_tolerance if truncation_tolerance is not None else torch.finfo(points.dtype).eps
+        out = _truncated(q, p, v, valid, t, lengths, k, float(tol))
+    else:
+        out = (_attention if backend == "attention" else _dense)(q, p, v, valid, t)
     matched = out[..., :3] + centre
     matched_values = out[..., 3:] if C else None
     if q_unbatched and p_unbatched:
