@@ -174,7 +174,8 @@ def soft_correspondences(
             ``(B,)`` tensor (it may require grad).
         target_normals: optional ``(B, M, 3)`` target normals.
         source_lengths, target_lengths: optional ``(B,)`` valid counts for padded batches.
-        backend: ``"auto"``, ``"dense"`` or ``"attention"`` (passed to ``soft_nearest``).
+        backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (passed to
+            ``soft_nearest``).
 
     Returns:
         :class:`Correspondences` with ``sq_distances = |source_t - points|^2``; ``valid`` is False
@@ -187,7 +188,7 @@ def soft_correspondences(
         tensor([[[0., 0., 0.]]])
     """
     checks.check_positive("temperature", temperature)
-    checks.check_option("backend", backend, ("auto", "dense", "attention"))
+    checks.check_option("backend", backend, ("auto", "dense", "attention", "truncated"))
     src, tgt, normals, src_len, tgt_len, unbatched = _check_pair(
         source_t, target, target_normals, source_lengths, target_lengths
     )

@@ -345,7 +345,9 @@ def icp(
         lm_iterations: bounded inner iterations of the LM solver.
         damping: relative Tikhonov damping of the linear solves.
         search_backend: ``"auto"``, ``"tree"`` or ``"matmul"`` for hard nearest neighbours.
-        soft_backend: ``"auto"``, ``"dense"`` or ``"attention"`` for soft nearest neighbours.
+        soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (the exact ``k``
+            nearest points only, where that is certified to the dtype's precision; see
+            :func:`diffcp.search.soft_nearest`) for soft nearest neighbours.
 
     Returns:
         :class:`ICPResult`.
@@ -369,7 +371,7 @@ def icp(
     checks.check_option("backward", backward, BACKWARD_MODES)
     checks.check_option("projective_mode", projective_mode, ("nearest", "bilinear"))
     checks.check_option("search_backend", search_backend, ("auto", "tree", "matmul"))
-    checks.check_option("soft_backend", soft_backend, ("auto", "dense", "attention"))
+    checks.check_option("soft_backend", soft_backend, ("auto", "dense", "attention", "truncated"))
     if robust_kernel is not None:
         checks.check_option("robust_kernel", robust_kernel, ROBUST_KERNELS)
         robust_scale = _as_float("robust_scale", robust_scale)

@@ -150,3 +150,164 @@ def test_bad_input():
         soft_nearest(q, torch.rand(3, 5, 3), 1.0)
     with pytest.raises(ValueError, match="points_lengths"):
         soft_nearest(q, p, 1.0, points_lengths=torch.tensor([0, 5]))
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="truncated": softmax over the k nearest points, certified, else attention
+
+
+import math
+
+import diffcp.search.soft as soft_module
+
+
+def _clustered(generator, batch, sites, per_site, spread, dtype=torch.float64):
+    """Points in tight pairs/triples around well separated sites, and queries near the sites."""
+    centres = torch.randn(batch, sites, 1, 3, generator=generator, dtype=dtype) * 5
+    jitter = spread * torch.randn(batch, sites, per_site, 3, generator=generator, dtype=dtype)
+    p = (centres + jitter).reshape(batch, -1, 3)
+    pick = torch.randint(0, sites, (batch, 4), generator=generator)
+    near = spread * torch.randn(batch, 4, 3, generator=generator, dtype=dtype)
+    q = centres[torch.arange(batch)[:, None], pick, 0] + near
+    return q, p
+
+
+def test_truncated_equals_dense_small_temperature():
+    g = torch.Generator().manual_seed(10)
+    q = torch.rand(3, 70, 3, generator=g, dtype=torch.float64)
+    p = torch.rand(3, 90, 3, generator=g, dtype=torch.float64)
+    vals = torch.randn(3, 90, 4, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([90, 33, 61])
+    t = torch.tensor([4e-4, 2e-4, 3e-4], dtype=torch.float64)
+    soft_module.LAST_TRUNCATION_CERTIFIED = None
+    out = soft_nearest(q, p, t, lengths, values=vals, backend="truncated", k=16)
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+    ref = soft_nearest(q, p, t, lengths, values=vals, backend="dense")
+    torch.testing.assert_close(out.points, ref.points, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.values, ref.values, rtol=0, atol=1e-12)
+    # the answer is not just the hard nearest neighbour: the soft weights matter at this T
+    hard = p.gather(1, knn(q, p, points_lengths=lengths).indices.expand(-1, -1, 3))
+    assert (out.points - hard).abs().max() > 1e-4
+    # unbatched input, without values
+    one = soft_nearest(q[0], p[0], 4e-4, backend="truncated", k=16)
+    assert one.points.shape == (70, 3) and one.values is None and soft_module.LAST_TRUNCATION_CERTIFIED
+    torch.testing.assert_close(one.points, ref.points[0], rtol=0, atol=1e-12)
+
+
+def test_truncated_falls_back_at_large_temperature():
+    g = torch.Generator().manual_seed(11)
+    q = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+    p = torch.rand(2, 50, 3, generator=g, dtype=torch.float64)
+    vals = torch.randn(2, 50, 2, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([50, 20])
+    out = soft_nearest(q, p, 0.5, lengths, values=vals, backend="truncated", k=8)
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is False
+    ref = soft_nearest(q, p, 0.5, lengths, values=vals, backend="dense")
+    torch.testing.assert_close(out.points, ref.points, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.values, ref.values, rtol=0, atol=1e-12)
+    att = soft_nearest(q, p, 0.5, lengths, values=vals, backend="attention")
+    assert torch.equal(out.points, att.points)  # the fallback is the attention backend
+
+
+def test_truncated_whole_cloud_is_always_certified():
+    g = torch.Generator().manual_seed(12)
+    q = torch.rand(2, 30, 3, generator=g, dtype=torch.float64)
+    p = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([12, 12])
+    out = soft_nearest(q, p, 100.0, lengths, backend="truncated", k=500)  # k capped at 12
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+    ref = soft_nearest(q, p, 100.0, lengths, backend="dense").points
+    torch.testing.assert_close(out.points, ref, rtol=0, atol=1e-12)
+    # one cloud shorter than k: that cloud's rows are whole, the other cloud's are not
+    soft_nearest(q, p, 100.0, torch.tensor([12, 5]), backend="truncated", k=500)  # k capped at 5
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is False
+
+
+def test_truncated_certificate_threshold():
+    # query at 0 on a line of points at x = 0, 1, 2, 3, 4; k = 2: d1^2 = 0, dk^2 = 1, and
+    # M_valid - k points are dropped, so the bound is (M_valid - k) exp(-1 / T).
+    p = torch.tensor([[[float(i), 0.0, 0.0] for i in range(5)]], dtype=torch.float64)
+    q = torch.zeros(1, 1, 3, dtype=torch.float64)
+    tol = 1e-6
+    t3 = 1 / math.log(3 / tol)  # bound == tol with 3 dropped points
+    t2 = 1 / math.log(2 / tol)  # bound == tol with 2 dropped points (t2 > t3)
+    cases = [(t3 * (1 - 1e-6), 5, True), (t3 * (1 + 1e-6), 5, False),
+             (t3 * (1 + 1e-6), 4, True), (t2 * (1 - 1e-6), 4, True), (t2 * (1 + 1e-6), 4, False)]
+    for t, length, expected in cases:
+        soft_nearest(q, p, t, torch.tensor([length]), backend="truncated", k=2, truncation_tolerance=tol)
+        assert soft_module.LAST_TRUNCATION_CERTIFIED is expected, (t, length)
+    # the default tolerance is the dtype's epsilon: certified at T just below 1 / log(3 / eps)
+    for dtype in (torch.float32, torch.float64):
+        t_eps = 1 / math.log(3 / torch.finfo(dtype).eps)
+        for factor, expected in ((0.999, True), (1.001, False)):
+            soft_nearest(q.to(dtype), p.to(dtype), t_eps * factor, backend="truncated", k=2)
+            assert soft_module.LAST_TRUNCATION_CERTIFIED is expected, (dtype, factor)
+
+
+def test_truncation_error_within_bound():
+    # With a huge tolerance the truncated result is always returned; its error must stay within
+    # bound * diameter, with the bound computed here independently, row by row.
+    g = torch.Generator().manual_seed(13)
+    q = torch.rand(2, 60, 3, generator=g, dtype=torch.float64)
+    p = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+    k, t = 6, 0.01
+    out = soft_nearest(q, p, t, backend="truncated", k=k, truncation_tolerance=1e300).points
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+    ref = soft_nearest(q, p, t, backend="dense").points
+    d2 = ((q[:, :, None] - p[:, None]) ** 2).sum(-1).sort(-1).values
+    bound = (40 - k) * torch.exp(-(d2[..., k - 1] - d2[..., 0]) / t)  # (B, N)
+    diam = torch.cdist(p, p).amax((1, 2))[:, None]
+    err = (out - ref).norm(dim=-1)
+    assert (err <= bound * diam + 1e-14).all()
+    assert err.max() > 1e-6  # the truncation really drops something at this T (the test can fail)
+
+
+def test_truncated_gradcheck():
+    g = torch.Generator().manual_seed(14)
+    q, p = _clustered(g, 2, sites=3, per_site=2, spread=0.15)
+    q, p = q.requires_grad_(), p.requires_grad_()
+    v = torch.randn(2, 6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.05, 0.1], dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 4])
+
+    def f(q, p, v, t):
+        out = soft_nearest(q, p, t, lengths, values=v, backend="truncated", k=3)
+        assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+        return out.points, out.values
+
+    assert torch.autograd.gradcheck(f, (q, p, v, t))
+    pts, vals = f(q, p, v, t)
+    (pts.sum() + vals.sum()).backward()
+    assert (p.grad[1, 4:] == 0).all() and (v.grad[1, 4:] == 0).all()
+    assert t.grad.abs().min() > 0  # the temperature gradient is not trivially zero
+
+
+def test_truncated_gradient_equals_dense_gradient():
+    g = torch.Generator().manual_seed(15)
+    q0 = torch.rand(2, 50, 3, generator=g, dtype=torch.float64)
+    p0 = torch.rand(2, 60, 3, generator=g, dtype=torch.float64)
+    v0 = torch.randn(2, 60, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([60, 45])
+    grads = []
+    for backend in ("dense", "truncated"):
+        q, p, v = (x.clone().requires_grad_() for x in (q0, p0, v0))
+        t = torch.tensor([3e-4, 5e-4], dtype=torch.float64, requires_grad=True)
+        out = soft_nearest(q, p, t, lengths, values=v, backend=backend, k=16)
+        (out.points.square().sum() + out.values.sin().sum()).backward()
+        grads.append((q.grad, p.grad, v.grad, t.grad))
+    assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    assert grads[0][3].abs().min() > 1e-3
+
+
+def test_truncated_bad_arguments():
+    q, p = torch.rand(2, 10, 3), torch.rand(2, 5, 3)
+    for k in (0, -3, 2.0, True, "4", None):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            soft_nearest(q, p, 0.01, backend="truncated", k=k)
+    for tol in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="truncation_tolerance"):
+            soft_nearest(q, p, 0.01, backend="truncated", truncation_tolerance=tol)
+    with pytest.raises(TypeError, match="truncation_tolerance"):
+        soft_nearest(q, p, 0.01, backend="truncated", truncation_tolerance="small")

@@ -142,7 +142,9 @@ def _attention(q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor) -> Ten
     return _Attention.apply(a, b, v, valid)
 
 
-def _truncated(q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float) -> Tensor:
+def _truncated(
+    q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float
+) -> Tensor:
     """Softmax over the ``k`` nearest candidates when certified (see the module docstring), else
     the attention backend. Sets :data:`LAST_TRUNCATION_CERTIFIED`."""
     global LAST_TRUNCATION_CERTIFIED
