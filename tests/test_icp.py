@@ -422,3 +422,54 @@ def test_projective_icp_recovers_small_motion():
     moved = transform_points(out.transform, src_moved)
     r = (moved - torch.tensor([0.0, 0.0, 3.0], dtype=F64)).norm(dim=-1)
     assert (r - 1).abs().max() < 5e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the step options, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_outliers(n=400, outliers=120, seed=0):
+    """Target = transformed source plus uniform outliers far from the surface."""
+    src, src_n, tgt, tgt_n, T = _pair(n=n, angle=0.2, shift=0.05, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    junk = (torch.rand(1, outliers, 3, generator=g, dtype=F64) - 0.5) * 6
+    junk = junk[junk.norm(dim=-1) > 2.0][None]
+    return src, torch.cat([tgt, junk], 1), torch.cat([src, junk[:, : src.shape[1] // 4]], 1), T
+
+
+@pytest.mark.parametrize("options", [
+    dict(reject_distance=0.3),
+    dict(reject_distance=0.3, rejection_temperature=0.01),
+    dict(distance_weighting=0.5),
+    dict(robust_kernel="tukey", robust_scale=0.2),
+])
+def test_rejection_and_weighting_remove_source_outliers(options):
+    # outliers in the source (points with no partner in the target) pull plain ICP away
+    src, _, src_with_junk, T = _with_outliers()
+    tgt = transform_points(T, src)
+    plain = diffcp.icp(src_with_junk, tgt, max_iterations=40, tolerance=0)
+    robust = diffcp.icp(src_with_junk, tgt, max_iterations=40, tolerance=0, **options)
+    err_plain = rotation_error(plain.rotation, T[:, :3, :3]).item()
+    err_robust = rotation_error(robust.rotation, T[:, :3, :3]).item()
+    assert err_robust < 0.2 < err_plain
+
+
+def test_source_mask_and_num_samples_select_points():
+    src, _, tgt, _, T = _pair(n=400, angle=0.2)
+    mask = torch.zeros(1, 400, dtype=torch.bool)
+    mask[:, ::2] = True
+    masked = diffcp.icp(src, tgt, source_mask=mask, max_iterations=10, tolerance=0)
+    subset = diffcp.icp(src[:, ::2], tgt, max_iterations=10, tolerance=0)
+    torch.testing.assert_close(masked.transform, subset.transform, atol=1e-12, rtol=0)
+    a = diffcp.icp(src, tgt, num_samples=100, generator=torch.Generator().manual_seed(3), max_iterations=10)
+    b = diffcp.icp(src, tgt, num_samples=100, generator=torch.Generator().manual_seed(3), max_iterations=10)
+    assert torch.equal(a.transform, b.transform)
+    assert rotation_error(a.rotation, T[:, :3, :3]).item() < 1e-4
+
+
+def test_normal_weighting_and_angle_rejection_run_and_agree_on_clean_data():
+    src, src_n, tgt, tgt_n, T = _pair(n=400, angle=0.2)
+    out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, normal_weighting=True,
+                     reject_angle=60.0, metric="point_to_plane", solver="linear", max_iterations=30)
+    assert rotation_error(out.rotation, T[:, :3, :3]).item() < 1e-5
