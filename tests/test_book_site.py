@@ -262,6 +262,9 @@ def _severe_errors(drv):
     return errors
 
 
+LOCAL_MATHJAX = ROOT / "book" / "_static" / "mathjax" / "tex-chtml.js"
+
+
 @browser
 def test_chapter_pages_in_chromium(site, driver):
     from selenium.webdriver.common.by import By
@@ -283,6 +286,12 @@ def test_chapter_pages_in_chromium(site, driver):
                 lambda d: all(p.find_elements(By.CSS_SELECTOR, "svg, canvas") for p in d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"))
             )
             plotly_pages.append(page)
+        if page in chapters and LOCAL_MATHJAX.exists():
+            # the book serves its own MathJax (scripts/setup.sh fetches it): equations typeset offline
+            WebDriverWait(driver, 30).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "mjx-container"),
+                message=f"{page}: MathJax typeset no equation",
+            )
         if page in chapters:
             expected = f"https://colab.research.google.com/github/diffcp/diffcp/blob/main/{page}.ipynb"
             links = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a[href^='https://colab.research.google.com']")}
