@@ -52,7 +52,7 @@ from .geometry import (
 )
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
-from .minimize.procrustes import procrustes, procrustes_conditioning
+from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments
 from .minimize.residuals import residuals, weighted_cost
 from .reject import reject_by_distance, reject_by_normal_angle
 from .search import NearestNeighborIndex, knn
@@ -120,6 +120,7 @@ class _Problem:
     rejection_temperature: float
     lm_iterations: int
     damping: float
+    fused: bool = False  # hard-NN point-to-point Procrustes without options: fused CPU pass allowed
 
 
 def _match(p: _Problem, y: Tensor) -> Correspondences:
@@ -139,8 +140,28 @@ def _match(p: _Problem, y: Tensor) -> Correspondences:
     )
 
 
+def _fused_step(p: _Problem, T: Tensor):
+    """:func:`_step` for hard-NN point-to-point Procrustes in one compiled CPU pass (no autograd):
+    match and accumulate the weighted moments (float64), then solve Procrustes from them. Returns
+    None where a cloud has no weight (the general step handles it)."""
+    mom, source_ref, target_ref = p.index.point_to_point_moments(p.source, T, p.source_weights, p.source_lengths)
+    if not (mom[:, 0] > 0).all():
+        return None
+    m = torch.from_numpy(mom)
+    sol = procrustes_from_moments(m[:, 0], m[:, 1:4], m[:, 4:7], m[:, 7:16].reshape(-1, 3, 3),
+                                  torch.from_numpy(source_ref), torch.from_numpy(target_ref))
+    T_new = make_transform(sol.rotation, sol.translation).to(T)
+    error = (m[:, 16] / m[:, 0].clamp_min(torch.finfo(T.dtype).tiny ** 0.5)).sqrt().to(T)
+    return T_new, error
+
+
 def _step(p: _Problem, T: Tensor):
     """One ICP iteration from the current transform ``T``: returns ``(T_new, error (B,))``."""
+    if p.fused and not (torch.is_grad_enabled() and (p.source.requires_grad or p.target.requires_grad
+                                                      or T.requires_grad)):
+        out = _fused_step(p, T)
+        if out is not None:
+            return out
     R, _ = split_transform(T)
     y = transform_points(T, p.source)
     ny = rotate_vectors(R, p.source_normals) if p.source_normals is not None else None
@@ -344,7 +365,10 @@ def icp(
         projective_mode: ``"nearest"`` (hard) or ``"bilinear"`` (differentiable) association.
         lm_iterations: bounded inner iterations of the LM solver.
         damping: relative Tikhonov damping of the linear solves.
-        search_backend: ``"auto"``, ``"tree"`` or ``"matmul"`` for hard nearest neighbours.
+        search_backend: ``"auto"``, ``"grid"``, ``"tree"`` or ``"matmul"`` for hard nearest
+            neighbours (see :func:`diffcp.search.knn`). On a CPU with the grid, hard-NN
+            point-to-point Procrustes without weighting or rejection runs each iteration that
+            needs no gradient as one fused compiled pass (same result, float64 sums).
         soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (the exact ``k``
             nearest points only, where that is certified to the dtype's precision; see
             :func:`diffcp.search.soft_nearest`) for soft nearest neighbours.
@@ -370,7 +394,7 @@ def icp(
     checks.check_option("solver", solver, SOLVERS)
     checks.check_option("backward", backward, BACKWARD_MODES)
     checks.check_option("projective_mode", projective_mode, ("nearest", "bilinear"))
-    checks.check_option("search_backend", search_backend, ("auto", "tree", "matmul"))
+    checks.check_option("search_backend", search_backend, ("auto", "grid", "tree", "matmul"))
     checks.check_option("soft_backend", soft_backend, ("auto", "dense", "attention", "truncated"))
     if robust_kernel is not None:
         checks.check_option("robust_kernel", robust_kernel, ROBUST_KERNELS)
@@ -477,6 +501,11 @@ def icp(
         reject_distance=reject_distance, reject_angle=reject_angle,
         rejection_temperature=float(rejection_temperature), lm_iterations=lm_iterations,
         damping=float(damping),
+    )
+    problem.fused = (
+        correspondence == "nn" and metric == "point_to_point" and solver == "procrustes"
+        and distance_weighting is None and not normal_weighting and robust_kernel is None
+        and reject_distance is None and reject_angle is None and index.uses_grid(N)
     )
     scale = _cloud_scale(source.detach(), source_lengths)
     checks_enabled = checks.ENABLED

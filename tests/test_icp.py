@@ -1,5 +1,6 @@
 """The ICP loop: recovery, batching, Open3D parity, gradients in every backward mode, bad input."""
 
+import importlib
 import math
 import warnings
 
@@ -473,3 +474,96 @@ def test_normal_weighting_and_angle_rejection_run_and_agree_on_clean_data():
     out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, normal_weighting=True,
                      reject_angle=60.0, metric="point_to_plane", solver="linear", max_iterations=30)
     assert rotation_error(out.rotation, T[:, :3, :3]).item() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused CPU pass (hard NN, point-to-point, Procrustes, no autograd) against the general step
+
+
+def _fused_problem(dtype, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([700, 523, 611])
+    src = torch.zeros(3, 700, 3, dtype=dtype)
+    tgt = torch.full((3, 720, 3), 1e3, dtype=dtype)  # padding that would be nearest if used
+    tlen = torch.tensor([720, 600, 655])
+    T = random_transform(3, max_angle=0.25, max_translation=0.1, generator=g, dtype=dtype)
+    for b in range(3):
+        p, _ = sample("bumpy_sphere", int(tlen[b]), seed=b, dtype=dtype)
+        x, _ = sample("bumpy_sphere", int(lengths[b]), seed=10 + b, dtype=dtype)
+        tgt[b, : tlen[b]] = p
+        R, t = T[b, :3, :3], T[b, :3, 3]
+        src[b, : lengths[b]] = (x - t) @ R  # R^T (x - t): T maps source into target
+        src[b, lengths[b]:] = 77.0
+    return src, tgt, lengths, tlen
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_fused_pass_equals_the_general_step(dtype, atol):
+    icp_module = importlib.import_module("diffcp.icp")  # the attribute diffcp.icp is the function
+
+    src, tgt, lengths, tlen = _fused_problem(dtype)
+    mask = torch.rand(3, 700, generator=torch.Generator().manual_seed(3)) > 0.2
+    kwargs = dict(source_lengths=lengths, target_lengths=tlen, max_iterations=12, tolerance=1e-7,
+                  source_mask=mask)
+    calls = []
+    original = icp_module._fused_step
+
+    def spy(p, T):
+        calls.append(1)
+        return original(p, T)
+
+    icp_module._fused_step = spy
+    try:
+        with torch.no_grad():
+            fused = diffcp.icp(src, tgt, search_backend="grid", **kwargs)
+        used = len(calls)
+        with torch.no_grad():
+            general = diffcp.icp(src, tgt, search_backend="tree", **kwargs)
+        assert len(calls) == used  # the tree backend never takes the fused pass
+    finally:
+        icp_module._fused_step = original
+    assert used == int(fused.iterations.max())  # every iteration of the grid run was fused
+    torch.testing.assert_close(fused.transform, general.transform, rtol=0, atol=atol)
+    torch.testing.assert_close(fused.errors, general.errors, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=atol)
+    assert torch.equal(fused.iterations, general.iterations)
+    assert torch.equal(fused.converged, general.converged)
+    assert fused.transform.dtype == dtype
+
+
+def test_fused_pass_is_skipped_when_gradients_are_needed():
+    icp_module = importlib.import_module("diffcp.icp")
+
+    src, tgt, lengths, tlen = _fused_problem(torch.float64)
+    tgt = tgt.clone().requires_grad_(True)
+    calls = []
+    original = icp_module._fused_step
+    icp_module._fused_step = lambda p, T: calls.append(1) or original(p, T)
+    try:
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
+                         search_backend="grid")
+        out.translation.sum().backward()
+        assert not calls  # unrolled with a graph: the general, differentiable step
+        assert tgt.grad is not None and torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
+        # implicit mode: the iterations before the fixed point carry no graph and are fused
+        tgt.grad = None
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
+                         search_backend="grid", backward="implicit")
+        assert calls
+        out.translation.sum().backward()
+        assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
+    finally:
+        icp_module._fused_step = original
+
+
+def test_auto_backends_pick_the_grid_and_the_certified_truncation_on_a_cpu():
+    import diffcp.search.soft as soft_module
+
+    src, tgt, lengths, tlen = _fused_problem(torch.float64)
+    index = diffcp.NearestNeighborIndex(tgt, tlen)
+    assert index.uses_grid(700)  # 3 x 700 x 720 pairs: above the matmul threshold
+    soft_module.LAST_CERTIFIED_FRACTION = None
+    normals = diffcp.estimate_normals(tgt, tlen)
+    diffcp.soft_correspondences(src, tgt, 1e-3, target_normals=normals, source_lengths=lengths,
+                                target_lengths=tlen)
+    assert soft_module.LAST_CERTIFIED_FRACTION is not None  # "auto" took the truncated backend

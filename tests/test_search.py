@@ -8,7 +8,7 @@ from scipy.spatial import cKDTree
 from diffcp.search import KNN, NearestNeighborIndex, knn
 from diffcp.search.matmul import knn_indices_matmul
 
-BACKENDS = ["tree", "matmul"]
+BACKENDS = ["grid", "tree", "matmul"]
 
 
 def naive_knn(query, points, k):
@@ -102,16 +102,17 @@ def test_tree_batch_offsets_with_far_queries():
     assert near.indices.max() < 100
 
 
-def test_index_reuses_tree_and_matches_knn():
+@pytest.mark.parametrize("backend,attribute", [("auto", "_grid"), ("grid", "_grid"), ("tree", "_tree")])
+def test_index_reuses_its_structure_and_matches_knn(backend, attribute):
     g = torch.Generator().manual_seed(5)
     p = torch.rand(2, 1200, 3, generator=g)
-    index = NearestNeighborIndex(p, backend="auto")
+    index = NearestNeighborIndex(p, backend=backend)
     q1, q2 = torch.rand(2, 1200, 3, generator=g), torch.rand(2, 1200, 3, generator=g)
     r1 = index.query(q1)
-    tree = index._tree
-    assert tree is not None
+    built = getattr(index, attribute)
+    assert built is not None  # auto picks the grid for this size on a CPU
     r2 = index.query(q2)
-    assert index._tree is tree
+    assert getattr(index, attribute) is built
     assert torch.equal(r1.indices, knn(q1, p, backend="matmul").indices)
     assert torch.equal(r2.indices, knn(q2, p, backend="matmul").indices)
 
@@ -181,13 +182,13 @@ def test_bad_input():
 
 def test_warm_start_queries_equal_cold_queries_as_the_query_moves():
     # an ICP-like sequence: small moves (certified from the previous answer), then a jump far
-    # away (the certificate fails and the tree answers), with padding on both sides
+    # away (the certificate fails and the grid answers), with padding on both sides
     g = torch.Generator().manual_seed(7)
     pts = torch.rand(3, 400, 3, generator=g, dtype=torch.float64)
     plen = torch.tensor([400, 250, 17])
     q = torch.rand(3, 300, 3, generator=g, dtype=torch.float64)
     qlen = torch.tensor([300, 120, 299])
-    warm = NearestNeighborIndex(pts, plen, backend="tree", warm_start=True, warm_neighbors=8)
+    warm = NearestNeighborIndex(pts, plen, backend="grid", warm_start=True, warm_neighbors=8)
     cold = NearestNeighborIndex(pts, plen, backend="tree")
     fractions = []
     for step in range(6):
@@ -197,8 +198,8 @@ def test_warm_start_queries_equal_cold_queries_as_the_query_moves():
         assert torch.equal(a.indices, b.indices)
         torch.testing.assert_close(a.sq_distances, b.sq_distances, rtol=0, atol=0)
         fractions.append(warm.certified_fraction)
-    assert fractions[0] is None  # the first query has no previous answer: the tree answers
-    assert fractions[3] == 0.0  # after the jump nothing is certified: every query went to the tree
+    assert fractions[0] is None  # the first query has no previous answer: the grid answers
+    assert fractions[3] == 0.0  # after the jump nothing is certified: every query went to the grid
     assert any(0.0 < f < 1.0 for f in fractions[1:3])  # both paths exercised on small moves
-    # the fallback to the tree is exercised at every step
+    # the fallback to the grid search is exercised at every step
     assert all(f < 1.0 for f in fractions[1:])

@@ -158,7 +158,17 @@ def test_bad_input():
 
 import math
 
+import diffcp.search.grid as grid_module
 import diffcp.search.soft as soft_module
+
+
+@pytest.fixture(params=["grid", "knn"])
+def candidates(request, monkeypatch):
+    """Both ways of choosing truncation candidates: the grid's ring search (CPU with numba) and the
+    exact k nearest neighbours (GPU, or a CPU without numba)."""
+    if request.param == "knn":
+        monkeypatch.setattr(grid_module, "AVAILABLE", False)
+    return request.param
 
 
 def _clustered(generator, batch, sites, per_site, spread, dtype=torch.float64):
@@ -172,7 +182,7 @@ def _clustered(generator, batch, sites, per_site, spread, dtype=torch.float64):
     return q, p
 
 
-def test_truncated_equals_dense_small_temperature():
+def test_truncated_equals_dense_small_temperature(candidates):
     g = torch.Generator().manual_seed(10)
     q = torch.rand(3, 70, 3, generator=g, dtype=torch.float64)
     p = torch.rand(3, 90, 3, generator=g, dtype=torch.float64)
@@ -194,7 +204,7 @@ def test_truncated_equals_dense_small_temperature():
     torch.testing.assert_close(one.points, ref.points[0], rtol=0, atol=1e-12)
 
 
-def test_truncated_falls_back_at_large_temperature():
+def test_truncated_falls_back_at_large_temperature(candidates):
     g = torch.Generator().manual_seed(11)
     q = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
     p = torch.rand(2, 50, 3, generator=g, dtype=torch.float64)
@@ -209,7 +219,7 @@ def test_truncated_falls_back_at_large_temperature():
     assert torch.equal(out.points, att.points)  # the fallback is the attention backend
 
 
-def test_truncated_whole_cloud_is_always_certified():
+def test_truncated_whole_cloud_is_always_certified(candidates):
     g = torch.Generator().manual_seed(12)
     q = torch.rand(2, 30, 3, generator=g, dtype=torch.float64)
     p = torch.rand(2, 12, 3, generator=g, dtype=torch.float64)
@@ -218,12 +228,20 @@ def test_truncated_whole_cloud_is_always_certified():
     assert soft_module.LAST_TRUNCATION_CERTIFIED is True
     ref = soft_nearest(q, p, 100.0, lengths, backend="dense").points
     torch.testing.assert_close(out.points, ref, rtol=0, atol=1e-12)
-    # one cloud shorter than k: that cloud's rows are whole, the other cloud's are not
-    soft_nearest(q, p, 100.0, torch.tensor([12, 5]), backend="truncated", k=500)  # k capped at 5
-    assert soft_module.LAST_TRUNCATION_CERTIFIED is False
+    out = soft_nearest(q, p, 100.0, torch.tensor([12, 5]), backend="truncated", k=500)
+    ref = soft_nearest(q, p, 100.0, torch.tensor([12, 5]), backend="dense").points
+    torch.testing.assert_close(out.points, ref, rtol=0, atol=1e-12)
+    if candidates == "knn":
+        # k is capped at the smallest cloud (5): the 12-point cloud's rows are not whole
+        assert soft_module.LAST_TRUNCATION_CERTIFIED is False
+        assert soft_module.LAST_CERTIFIED_FRACTION == 0.5
+    else:
+        # the grid keeps up to k candidates in every cloud: both clouds are whole
+        assert soft_module.LAST_TRUNCATION_CERTIFIED is True
 
 
-def test_truncated_certificate_threshold():
+def test_truncated_certificate_threshold(monkeypatch):
+    monkeypatch.setattr(grid_module, "AVAILABLE", False)  # the k-nearest certificate
     # query at 0 on a line of points at x = 0, 1, 2, 3, 4; k = 2: d1^2 = 0, dk^2 = 1, and
     # M_valid - k points are dropped, so the bound is (M_valid - k) exp(-1 / T).
     p = torch.tensor([[[float(i), 0.0, 0.0] for i in range(5)]], dtype=torch.float64)
@@ -244,25 +262,32 @@ def test_truncated_certificate_threshold():
             assert soft_module.LAST_TRUNCATION_CERTIFIED is expected, (dtype, factor)
 
 
-def test_truncation_error_within_bound():
-    # With a huge tolerance the truncated result is always returned; its error must stay within
-    # bound * diameter, with the bound computed here independently, row by row.
+def test_truncation_error_within_bound(candidates):
+    # A loose tolerance keeps the truncated result; its error must stay within the certified
+    # bound times the diameter, with the bound computed here independently, row by row.
     g = torch.Generator().manual_seed(13)
     q = torch.rand(2, 60, 3, generator=g, dtype=torch.float64)
     p = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
     k, t = 6, 0.01
-    out = soft_nearest(q, p, t, backend="truncated", k=k, truncation_tolerance=1e300).points
-    assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+    tol = 1e300 if candidates == "knn" else 1e-2
+    out = soft_nearest(q, p, t, backend="truncated", k=k, truncation_tolerance=tol).points
     ref = soft_nearest(q, p, t, backend="dense").points
     d2 = ((q[:, :, None] - p[:, None]) ** 2).sum(-1).sort(-1).values
-    bound = (40 - k) * torch.exp(-(d2[..., k - 1] - d2[..., 0]) / t)  # (B, N)
     diam = torch.cdist(p, p).amax((1, 2))[:, None]
     err = (out - ref).norm(dim=-1)
-    assert (err <= bound * diam + 1e-14).all()
+    if candidates == "knn":
+        assert soft_module.LAST_TRUNCATION_CERTIFIED is True
+        bound = (40 - k) * torch.exp(-(d2[..., k - 1] - d2[..., 0]) / t)  # (B, N)
+        assert (err <= bound * diam + 1e-14).all()
+    else:
+        # the grid keeps every point with d^2 < d_1^2 + T log(M / tol) (at most k): every dropped
+        # point weighs < tol / M relative to the nearest, so the error is below tol * diameter
+        assert soft_module.LAST_CERTIFIED_FRACTION > 0.5
+        assert (err <= tol * diam + 1e-14).all()
     assert err.max() > 1e-6  # the truncation really drops something at this T (the test can fail)
 
 
-def test_truncated_gradcheck():
+def test_truncated_gradcheck(candidates):
     g = torch.Generator().manual_seed(14)
     q, p = _clustered(g, 2, sites=3, per_site=2, spread=0.15)
     q, p = q.requires_grad_(), p.requires_grad_()
@@ -282,7 +307,7 @@ def test_truncated_gradcheck():
     assert t.grad.abs().min() > 0  # the temperature gradient is not trivially zero
 
 
-def test_truncated_gradient_equals_dense_gradient():
+def test_truncated_gradient_equals_dense_gradient(candidates):
     g = torch.Generator().manual_seed(15)
     q0 = torch.rand(2, 50, 3, generator=g, dtype=torch.float64)
     p0 = torch.rand(2, 60, 3, generator=g, dtype=torch.float64)

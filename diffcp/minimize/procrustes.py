@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from diffcp import checks
 
-__all__ = ["Procrustes", "procrustes", "procrustes_conditioning"]
+__all__ = ["Procrustes", "procrustes", "procrustes_conditioning", "procrustes_from_moments"]
 
 
 class Procrustes(NamedTuple):
@@ -198,6 +198,32 @@ def procrustes(
     M, s_bar, q_bar, unbatched = _prepare(source, target, weights, lengths)
     R = _PolarRotation.apply(M, float(gradient_eps))
     return _finish(R, s_bar, q_bar, unbatched)
+
+
+def procrustes_from_moments(weight_sum: Tensor, source_sum: Tensor, target_sum: Tensor, cross_sum: Tensor,
+                            source_ref: Tensor, target_ref: Tensor) -> Procrustes:
+    """:func:`procrustes` from accumulated weighted moments (no autograd: for fused CPU passes).
+
+    With ``x' = x - source_ref`` and ``q' = q - target_ref`` (references near the clouds keep the
+    uncentred sums accurate), the inputs are ``sum w`` ``(B,)``, ``sum w x'`` and ``sum w q'``
+    ``(B, 3)``, and ``sum w q' x'^T`` ``(B, 3, 3)``. Every ``weight_sum`` must be positive. The
+    rotation is the same determinant-corrected polar factor as in :func:`procrustes`.
+
+    Example:
+        >>> x = torch.tensor([[[0., 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3]]], dtype=torch.float64)
+        >>> q = x + torch.tensor([1., 2, 3], dtype=torch.float64)
+        >>> ref = torch.zeros(1, 3, dtype=torch.float64)
+        >>> R, t = procrustes_from_moments(torch.tensor([4.0], dtype=torch.float64), x.sum(1), q.sum(1),
+        ...                                q.transpose(1, 2) @ x, ref, ref)
+        >>> torch.allclose(R, torch.eye(3, dtype=torch.float64)), t.tolist()
+        (True, [[1.0, 2.0, 3.0]])
+    """
+    with torch.no_grad():
+        s_bar = source_sum / weight_sum[:, None]
+        q_bar = target_sum / weight_sum[:, None]
+        M = cross_sum / weight_sum[:, None, None] - q_bar[:, :, None] * s_bar[:, None, :]
+        R = _PolarRotation.apply(M, 0.0)
+        return _finish(R, s_bar + source_ref, q_bar + target_ref, False)
 
 
 def procrustes_reference(

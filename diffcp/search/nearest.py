@@ -1,8 +1,11 @@
 """Exact k-nearest neighbours of padded, batched clouds, dispatched by hardware.
 
-``backend="tree"`` (SciPy cKDTree, on the host) wins on a CPU for all but tiny problems;
-``backend="matmul"`` (tiled matrix products) wins on a GPU. ``"auto"`` picks the tree on a CPU,
-except when ``B * N * M`` is below :data:`MATMUL_CPU_MAX`, and the matrix products on CUDA.
+``backend="grid"`` (a voxel grid per cloud, compiled by numba, see :mod:`diffcp.search.grid`)
+wins on a CPU for all but tiny problems; ``backend="matmul"`` (tiled matrix products) wins on a
+GPU; ``backend="tree"`` (SciPy's cKDTree over the whole batch) is the reference on the host and
+the CPU fallback without numba. ``"auto"`` picks the matrix products on CUDA and for tiny CPU
+problems (``B * N * M`` below :data:`MATMUL_CPU_MAX`), the grid otherwise (the tree if numba is
+missing). All backends return the same neighbours, up to exact ties.
 
 Indices are not differentiable; the squared distances are recomputed from the gathered
 coordinates, ``|q - p[idx]|^2``, so they are exact and differentiable in both clouds.
@@ -12,17 +15,20 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
+import numpy as np
+
 from .. import checks
+from . import grid as _grid
+from .grid import BatchGrid
 from .matmul import knn_indices_matmul
 from .tree import BatchTree
 
 __all__ = ["KNN", "knn", "NearestNeighborIndex", "gather_points", "MATMUL_CPU_MAX"]
 
-BACKENDS = ("auto", "tree", "matmul")
+BACKENDS = ("auto", "grid", "tree", "matmul")
 
 # Below this many query-point pairs (B * N * M), brute force beats building a tree on a 2-core CPU
 # (measured, best of 15, k=1: 9e4 pairs matmul 0.40 ms vs tree 0.79 ms including the build;
@@ -53,26 +59,25 @@ def gather_points(points: Tensor, indices: Tensor) -> Tensor:
 class NearestNeighborIndex:
     """Exact nearest-neighbour index over a padded batch of clouds, built once, queried often.
 
-    ICP builds one over the target and queries it with the moved source at every iteration. With
-    the tree backend the kd-tree is built on the first query that needs it and then reused; with
-    the matmul backend the index only stores the points. ``"auto"`` decides per query (see
-    :func:`knn`).
+    ICP builds one over the target and queries it with the moved source at every iteration. The
+    grid or tree is built on the first query that needs it and then reused; with the matmul
+    backend the index only stores the points. ``"auto"`` decides per query (see :func:`knn`).
 
-    Warm start (``warm_start=True``, tree backend, ``k=1``): ICP's queries move little from one
+    Warm start (``warm_start=True``; grid backend, ``k=1``): ICP's queries move little from one
     iteration to the next, so the previous answer ``j`` is a good guess. With ``r_j`` the distance
-    from ``p_j`` to its ``K``-th nearest neighbour in the target (precomputed once) and
-    ``d = |y - p_j|`` and ``d*`` the distance to the best of ``p_j`` and its ``K`` neighbours, every
+    from ``p_j`` to its ``warm_neighbors``-th nearest point of the target (precomputed once),
+    ``d = |y - p_j|`` and ``d*`` the distance to the best of ``p_j`` and those neighbours, every
     point closer to ``y`` than that best candidate lies within ``d* + d`` of ``p_j``; so if
-    ``d* + d < r_j`` the best candidate is the exact nearest neighbour of ``y``. Only the queries without the
-    certificate go to the tree. The answer is the tree's up to ties at rounding level (distances
-    are compared in the query's dtype); only the time changes.
+    ``d* + d < r_j`` the best candidate is the exact nearest neighbour of ``y``. Uncertified
+    queries are searched in the grid. The answer does not depend on the warm start (distances are
+    compared in float64), only the time does; other backends ignore it.
 
     Args:
         points: ``(B, M, 3)`` (or ``(M, 3)``) cloud(s) to search in.
         lengths: optional ``(B,)`` int64 valid point counts; padding is never returned.
-        backend: ``"auto"``, ``"tree"`` or ``"matmul"``.
-        warm_start: reuse the previous query's answer as a certified guess (see above).
-        warm_neighbors: ``K``, the size of each target point's precomputed neighbourhood.
+        backend: ``"auto"``, ``"grid"``, ``"tree"`` or ``"matmul"``.
+        warm_start: reuse the previous ``k=1`` answer as a certified guess (see above).
+        warm_neighbors: size of each target point's precomputed neighbourhood (itself included).
 
     Example:
         >>> pts = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [5, 0, 0]]])
@@ -82,58 +87,22 @@ class NearestNeighborIndex:
     """
 
     def __init__(self, points: Tensor, lengths: Optional[Tensor] = None, backend: str = "auto",
-                 warm_start: bool = False, warm_neighbors: int = 16):
+                 warm_start: bool = False, warm_neighbors: int = 13):
         self.backend = checks.check_option("backend", backend, BACKENDS)
+        if backend == "grid" and not _grid.AVAILABLE:
+            raise ImportError("backend='grid' needs numba (pip install numba); use backend='tree' without it.")
         self.points, self._unbatched = checks.as_batched_points("points", points)
         B, M, _ = self.points.shape
         self.lengths = checks.check_lengths("lengths", lengths, B, M, self.points.device)
         self._min_length = int(self.lengths.min())
         self._tree: Optional[BatchTree] = None
+        self._grid: Optional[BatchGrid] = None
         self.warm_start = bool(warm_start)
-        self.warm_neighbors = int(warm_neighbors)
+        if isinstance(warm_neighbors, bool) or not isinstance(warm_neighbors, int) or warm_neighbors < 2:
+            raise ValueError(f"warm_neighbors must be an integer >= 2; got {warm_neighbors!r}.")
+        self.warm_neighbors = warm_neighbors
         self._previous: Optional[Tensor] = None  # (B, N) last k=1 answer, for the warm start
-        self._graph: Optional[Tensor] = None  # (B, M, K+1) each point's K+1 nearest (itself first)
-        self._radius2: Optional[Tensor] = None  # (B, M) squared distance to the farthest of them
-        self._planes: Optional[Tensor] = None
         self.certified_fraction: Optional[float] = None  # of the last warm query (diagnostics)
-
-    def _build_graph(self) -> None:
-        B, M, _ = self.points.shape
-        kk = min(self.warm_neighbors + 1, self._min_length)
-        graph = self._tree.query(self.points, self.lengths, kk)  # (B, M, kk), itself first
-        points = self.points.detach()
-        far = gather_points(points, graph[..., -1:])[:, :, 0]
-        radius2 = ((points - far) ** 2).sum(-1)
-        # a cloud whose every point is in the candidate set needs no certificate
-        whole = (self.lengths <= kk)[:, None].expand(B, M)
-        self._radius2 = torch.where(whole, torch.full_like(radius2, float("inf")), radius2)
-        self._graph = graph
-        self._planes = points.transpose(1, 2).contiguous()  # (B, 3, M): one gather per coordinate
-
-    def _warm_query(self, query: Tensor, query_lengths: Tensor) -> Tensor:
-        """Certified k=1 search from the previous answer; uncertified queries go to the tree."""
-        if self._graph is None:
-            self._build_graph()
-        B, N, _ = query.shape
-        kk = self._graph.shape[-1]
-        j = self._previous  # (B, N)
-        cand = self._graph.gather(1, j[..., None].expand(-1, -1, kk))  # (B, N, kk)
-        near = self._planes.gather(2, cand.reshape(B, 1, N * kk).expand(-1, 3, -1)).reshape(B, 3, N, kk)
-        d2 = ((query.detach().transpose(1, 2)[..., None] - near) ** 2).sum(1)  # (B, N, kk)
-        d2_best, arg = d2.min(-1, keepdim=True)
-        best = cand.gather(-1, arg)  # (B, N, 1)
-        # Any point closer to y than the best candidate lies within d_best + d_j of p_j (candidate 0
-        # is p_j itself); certified where that is inside p_j's neighbourhood, with a rounding margin.
-        reach = d2_best[..., 0].sqrt() + d2[..., 0].sqrt()
-        r2 = self._radius2.gather(1, j)
-        qmask = checks.lengths_mask(query_lengths, N)
-        eps = 64 * torch.finfo(query.dtype).eps
-        certified = (reach * reach * (1 + eps) < r2 * (1 - eps)) | ~qmask
-        self.certified_fraction = float((certified & qmask).sum()) / max(int(qmask.sum()), 1)
-        if not bool(certified.all()):
-            rest = (~certified).cpu().numpy()
-            best = torch.where(certified[..., None], best, self._tree.query_mask(query, rest, 1))
-        return best.masked_fill(~qmask[..., None], 0)
 
     def _pick(self, n_query: int) -> str:
         if self.backend != "auto":
@@ -141,7 +110,55 @@ class NearestNeighborIndex:
         if self.points.device.type != "cpu":
             return "matmul"
         B, M, _ = self.points.shape
-        return "matmul" if B * n_query * M < MATMUL_CPU_MAX else "tree"
+        if B * n_query * M < MATMUL_CPU_MAX:
+            return "matmul"
+        return "grid" if _grid.AVAILABLE else "tree"
+
+    def _indices(self, query: Tensor, query_lengths: Tensor, k: int) -> Tensor:
+        B, N, _ = query.shape
+        backend = self._pick(N)
+        if backend == "matmul":
+            indices = knn_indices_matmul(query, self.points, self.lengths, k)
+            return indices.masked_fill(~checks.lengths_mask(query_lengths, N)[..., None], 0)
+        if backend == "tree":
+            if self._tree is None:
+                self._tree = BatchTree(self.points, self.lengths)
+            return self._tree.query(query, query_lengths, k)
+        if self._grid is None:
+            self._grid = BatchGrid(self.points, self.lengths)
+        warm = self.warm_start and k == 1
+        if warm and self._previous is not None and self._previous.shape == (B, N):
+            indices = self._grid.warm_query(query, query_lengths, self._previous, self.warm_neighbors)
+            self.certified_fraction = self._grid.certified_fraction
+        else:
+            indices = self._grid.query(query, query_lengths, k)
+        if warm:
+            self._previous = indices[..., 0]
+        return indices
+
+    def uses_grid(self, n_query: int) -> bool:
+        """Whether queries of ``n_query`` points per cloud go to the grid backend."""
+        return self._pick(n_query) == "grid"
+
+    def point_to_point_moments(self, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor):
+        """Fused CPU pass of hard-NN point-to-point ICP (grid backend, no autograd): the weighted
+        moments of the pairs (moved source point, its exact nearest neighbour), warm-started like
+        :meth:`query`. Returns ``(moments (B, 17), source reference (B, 3), target reference (B, 3))``
+        as float64 numpy arrays (layout in :func:`diffcp.search.grid._moments`)."""
+        if self._grid is None:
+            self._grid = BatchGrid(self.points, self.lengths)
+        B, N, _ = source.shape
+        warm = None
+        if self.warm_start and self._previous is not None and self._previous.shape == (B, N):
+            warm = np.ascontiguousarray(self._previous.cpu().numpy())
+        moments, indices, source_ref, target_ref = self._grid.point_to_point_moments(
+            source, transform, weights, source_lengths, warm, self.warm_neighbors
+        )
+        if self.warm_start:
+            self._previous = torch.from_numpy(indices)
+        if warm is not None:
+            self.certified_fraction = self._grid.certified_fraction
+        return moments, source_ref, target_ref
 
     def query(self, query: Tensor, query_lengths: Optional[Tensor] = None, k: int = 1) -> KNN:
         """The ``k`` nearest valid points of every query point.
@@ -168,21 +185,7 @@ class NearestNeighborIndex:
                 f"k must be at most the number of valid points in every cloud ({self._min_length}); got k={k}."
             )
         query_lengths = checks.check_lengths("query_lengths", query_lengths, B, N, query.device)
-
-        if self._pick(N) == "tree":
-            if self._tree is None:
-                self._tree = BatchTree(self.points, self.lengths)
-            warm = self.warm_start and k == 1
-            if warm and self._previous is not None and self._previous.shape == (B, N):
-                indices = self._warm_query(query, query_lengths)
-            else:
-                indices = self._tree.query(query, query_lengths, k)
-            if warm:
-                self._previous = indices[..., 0]
-        else:
-            indices = knn_indices_matmul(query, self.points, self.lengths, k)
-            indices = indices.masked_fill(~checks.lengths_mask(query_lengths, N)[..., None], 0)
-
+        indices = self._indices(query, query_lengths, k)
         matched = gather_points(self.points, indices)
         sq = ((query[:, :, None, :] - matched) ** 2).sum(-1)
         sq = sq.masked_fill(~checks.lengths_mask(query_lengths, N)[..., None], 0.0)
@@ -212,9 +215,10 @@ def knn(
         query_lengths: optional ``(B,)`` int64 valid query counts.
         points_lengths: optional ``(B,)`` int64 valid point counts.
         k: number of neighbours, ``1 <= k <= min(points_lengths)``.
-        backend: ``"tree"`` (SciPy cKDTree over the whole batch, float64 on the host),
-            ``"matmul"`` (tiled ``|q|^2 - 2 q.p + |p|^2``), or ``"auto"``: matmul on CUDA or when
-            ``B * N * M < MATMUL_CPU_MAX``, tree otherwise.
+        backend: ``"grid"`` (voxel grids compiled by numba, float64 on the host), ``"tree"``
+            (SciPy cKDTree over the whole batch, float64 on the host), ``"matmul"`` (tiled
+            ``|q|^2 - 2 q.p + |p|^2``), or ``"auto"``: matmul on CUDA or when
+            ``B * N * M < MATMUL_CPU_MAX``, grid otherwise (tree without numba).
 
     Returns:
         :class:`KNN` ``(sq_distances (B, N, k), indices (B, N, k) int64)``, nearest first;

@@ -57,18 +57,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
+from . import grid as _grid
+from .grid import BatchGrid
 from .nearest import gather_points, knn
 
-__all__ = ["SoftMatch", "soft_nearest", "ATTENTION_MIN_PAIRS", "LAST_TRUNCATION_CERTIFIED"]
+__all__ = ["SoftMatch", "soft_nearest", "ATTENTION_MIN_PAIRS", "LAST_TRUNCATION_CERTIFIED", "LAST_CERTIFIED_FRACTION"]
 
 BACKENDS = ("auto", "dense", "attention", "truncated")
 
-# "auto" switches to the attention kernel above this many query-point pairs per cloud.
+# "auto" switches to the attention kernel above this many query-point pairs per cloud (on a GPU,
+# or on a CPU without numba) ...
 ATTENTION_MIN_PAIRS = 1_000_000
+# ... and, on a CPU with numba, to the certified truncation from this many pairs per cloud.
+TRUNCATED_MIN_PAIRS = 16_384
 
-# Diagnostics: after each backend="truncated" call, True if every row was certified and the
-# truncated result was returned, False if the call fell back to "attention". None before any call.
+# Diagnostics of the last backend="truncated" call (None before any call): whether every row was
+# certified (no row needed the exact fallback), and the fraction of rows certified.
 LAST_TRUNCATION_CERTIFIED: Optional[bool] = None
+LAST_CERTIFIED_FRACTION: Optional[float] = None
 
 
 class SoftMatch(NamedTuple):
@@ -142,26 +148,70 @@ def _attention(q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor) -> Ten
     return _Attention.apply(a, b, v, valid)
 
 
+def _rows_to_front(mask: Tensor):
+    """Per cloud, the indices of the rows where ``mask (B, N)`` is set, first: ``(order (B, R), slot
+    valid (B, R))`` with ``R`` the largest count."""
+    counts = mask.sum(1)
+    R = int(counts.max())
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
+    return order, torch.arange(R, device=mask.device)[None, :] < counts[:, None]
+
+
+def _candidates(q: Tensor, p: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float):
+    """Candidate indices ``(B, N, K)``, slot mask ``(B, N, K)`` and certified rows ``(B, N)``.
+
+    On the CPU with numba, the grid's ring search keeps every point with
+    ``d^2 < d_1^2 + T (log M_b - log tol)`` (at most ``k`` of them; see
+    :mod:`diffcp.search.grid`). Elsewhere, the exact ``k`` nearest points, certified when
+    ``(M_b - k) exp(-(d_k^2 - d_1^2) / T) <= tol``. ``K`` is the number of slots actually used.
+    """
+    B, N, _ = q.shape
+    if q.device.type == "cpu" and _grid.AVAILABLE:
+        k = min(k, p.shape[1])
+        temps = t.detach().reshape(B).to(torch.float64).numpy()
+        index, count, certified = BatchGrid(p, lengths).soft_candidates(
+            q, torch.full((B,), N, dtype=torch.int64), k, temps, tol)
+        K = max(int(count.max()), 1)
+        slots = torch.arange(K)[None, None, :] < count[..., None]
+        return index[..., :K], slots, certified
+    k = min(k, int(lengths.min()))
+    index = knn(q.detach(), p.detach(), points_lengths=lengths, k=k).indices  # (B, N, k)
+    with torch.no_grad():
+        near = gather_points(p.detach(), index)
+        s = ((q.detach()[:, :, None, :] - near) ** 2).sum(-1)
+        gap = (s[..., -1] - s[..., 0]) / t.detach()[:, :, 0]  # (d_k^2 - d_1^2) / T, (B, N)
+        log_count = (lengths - k).to(s.dtype).log()[:, None]  # -inf where the k set is the cloud
+        certified = (log_count - gap) <= math.log(tol)
+    return index, torch.ones_like(index, dtype=torch.bool), certified
+
+
 def _truncated(
     q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float
 ) -> Tensor:
-    """Softmax over the ``k`` nearest candidates when certified (see the module docstring), else
-    the attention backend. Sets :data:`LAST_TRUNCATION_CERTIFIED`."""
-    global LAST_TRUNCATION_CERTIFIED
-    k = min(k, int(lengths.min()))
-    idx = knn(q.detach(), p.detach(), points_lengths=lengths, k=k).indices  # (B, N, k), valid only
-    gv = gather_points(v, idx)  # (B, N, k, 3 + C); its first 3 columns are the candidate points
-    sq = ((q[:, :, None, :] - gv[..., :3]) ** 2).sum(-1)  # (B, N, k), differentiable
-    with torch.no_grad():
-        s = sq.detach()
-        gap = (s.amax(-1) - s.amin(-1)) / t.detach()[:, :, 0]  # (d_k^2 - d_1^2) / T, (B, N)
-        log_count = (lengths - k).to(s.dtype).log()[:, None]  # -inf where the k set is the cloud
-        certified = bool(((log_count - gap) <= math.log(tol)).all())
-    LAST_TRUNCATION_CERTIFIED = certified
-    if not certified:
+    """Softmax over certified candidates, row by row; uncertified rows exactly by attention.
+    Sets :data:`LAST_TRUNCATION_CERTIFIED` and :data:`LAST_CERTIFIED_FRACTION`."""
+    global LAST_TRUNCATION_CERTIFIED, LAST_CERTIFIED_FRACTION
+    index, slots, certified = _candidates(q, p, t, lengths, k, tol)
+    fraction = float(certified.sum()) / certified.numel()
+    LAST_TRUNCATION_CERTIFIED = fraction == 1.0
+    LAST_CERTIFIED_FRACTION = fraction
+    if fraction < _MIN_CERTIFIED_FRACTION:
         return _attention(q, p, v, valid, t)
-    w = torch.softmax(-sq / t, dim=-1)  # t (B, 1, 1) broadcasts over (B, N, k)
-    return torch.einsum("bnk,bnkc->bnc", w, gv)
+    gv = gather_points(v, index)  # (B, N, K, 3 + C); its first 3 columns are the candidate points
+    diff = q[:, :, None, :] - gv[..., :3]
+    logits = (diff * diff).sum(-1).div(-t).masked_fill(~slots, float("-inf"))  # t (B, 1, 1)
+    w = torch.softmax(logits, dim=-1)
+    out = (w[..., None] * gv).sum(-2)
+    if fraction < 1.0:
+        rows, used = _rows_to_front(~certified)
+        exact = _attention(q.gather(1, rows[..., None].expand(-1, -1, 3)), p, v, valid, t)
+        b, r = used.nonzero(as_tuple=True)
+        out = out.index_put((b, rows[b, r]), exact[b, r])
+    return out
+
+
+# Below this fraction of certified rows the whole call runs the attention backend instead.
+_MIN_CERTIFIED_FRACTION = 0.5
 
 
 def soft_nearest(
@@ -245,7 +295,10 @@ def soft_nearest(
     q = query - centre
     v = p if values is None else torch.cat([p, values], dim=-1)
     if backend == "auto":
-        backend = "attention" if N * M > ATTENTION_MIN_PAIRS else "dense"
+        if points.device.type == "cpu" and _grid.AVAILABLE and N * M >= TRUNCATED_MIN_PAIRS:
+            backend = "truncated"
+        else:
+            backend = "attention" if N * M > ATTENTION_MIN_PAIRS else "dense"
     if backend == "truncated":
         tol = truncation_tolerance if truncation_tolerance is not None else torch.finfo(points.dtype).eps
         out = _truncated(q, p, v, valid, t, lengths, k, float(tol))

@@ -1,0 +1,535 @@
+"""Exact nearest neighbours on the CPU: one uniform voxel grid per cloud, searched ring by ring.
+
+Every cloud of a padded batch gets its own grid (cell edge ``h_b`` chosen from the cloud's extent
+and size, so that a cloud of ``M`` points has at most about ``7 M`` cells whether it is a volume, a
+surface or a line); the valid points of all clouds are sorted by cell into one array (a counting
+sort, O(total points)). A query of cloud ``b`` is clamped into its cloud's grid box and the cells
+around it are scanned in rings of growing Chebyshev radius ``r = 0, 1, 2, ...``. After ring ``r``
+every unscanned point ``x`` satisfies
+
+    |q - x|^2 >= D^2 + (r h_b + delta)^2,
+
+where ``D`` is the distance from ``q`` to the grid box and ``delta`` the distance from the clamped
+query to the nearest face of its own cell that has cells beyond it. So the search stops, exactly,
+as soon as the ``k``-th best squared distance found is at most that bound. Distances are computed
+in float64 and the bound carries a relative margin of ``1e-9`` cell edges against rounding.
+
+The same scan also collects *certified soft candidates* (:func:`soft_candidates`): the nearest
+points kept in ``k`` slots until the softmax weight of every point not kept is provably below a
+tolerance (see :mod:`diffcp.search.soft`).
+
+The kernels are compiled by numba (``cache=True``: the first call in a fresh environment compiles
+for a few seconds, later processes load the cache) and run in parallel over query rows with
+numba's threads (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``). Without numba
+:data:`AVAILABLE` is False and :func:`diffcp.search.knn` falls back to SciPy's kd-tree.
+
+Functions here take already validated ``(B, N, 3)`` tensors; the public entry points are
+:func:`diffcp.search.knn`, :class:`diffcp.search.NearestNeighborIndex` and
+:func:`diffcp.search.soft_nearest`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # numba is a dependency of diffcp; without it the tree backend serves the CPU
+    import numba
+except ImportError:  # pragma: no cover - exercised by monkeypatching AVAILABLE in the tests
+    numba = None
+
+__all__ = ["AVAILABLE", "BatchGrid"]
+
+AVAILABLE = numba is not None
+
+# Rings are grown while the bound is below the k-th best distance; this relative margin (in cell
+# edges) absorbs the rounding of the cell assignment floor((x - origin) / h).
+_MARGIN = 1e-9
+
+# Cell edge in units of the "one point per cell" edge.
+_CELL_SCALE = 1.0
+
+
+def _njit(parallel: bool = False, inline: str = "never"):
+    if numba is None:  # pragma: no cover
+        return lambda f: f
+    return numba.njit(cache=True, nogil=True, fastmath=False, parallel=parallel, inline=inline)
+
+
+@_njit()
+def _build(points, starts, scale):
+    """Grids of the clouds ``points[starts[b]:starts[b+1]]`` (float64 ``(P, 3)``, every cloud non-empty)."""
+    B = starts.shape[0] - 1
+    P = points.shape[0]
+    origin = np.empty((B, 3))
+    edge = np.empty(B)
+    dims = np.empty((B, 3), dtype=np.int64)
+    cell_offset = np.zeros(B + 1, dtype=np.int64)
+    for b in range(B):
+        s, e = starts[b], starts[b + 1]
+        m = e - s
+        lo = points[s].copy()
+        hi = points[s].copy()
+        for i in range(s + 1, e):
+            for d in range(3):
+                lo[d] = min(lo[d], points[i, d])
+                hi[d] = max(hi[d], points[i, d])
+        ext = np.sort(hi - lo)[::-1]  # descending
+        # about one cell per point for a volume, a surface or a line, whichever the cloud is
+        h = max((ext[0] * ext[1] * ext[2] / m) ** (1.0 / 3.0), math.sqrt(ext[0] * ext[1] / m), ext[0] / m)
+        h *= scale
+        if not h > 0.0:  # every point identical
+            h = 1.0
+        edge[b] = h
+        cells = 1
+        for d in range(3):
+            origin[b, d] = lo[d]
+            dims[b, d] = int((hi[d] - lo[d]) / h) + 1
+            cells *= dims[b, d]
+        cell_offset[b + 1] = cell_offset[b] + cells
+    total = cell_offset[B]
+    cell_start = np.zeros(total + 1, dtype=np.int64)
+    cell_of = np.empty(P, dtype=np.int64)
+    for b in range(B):
+        n0, n1, n2 = dims[b, 0], dims[b, 1], dims[b, 2]
+        for i in range(starts[b], starts[b + 1]):
+            c0 = min(int((points[i, 0] - origin[b, 0]) / edge[b]), n0 - 1)
+            c1 = min(int((points[i, 1] - origin[b, 1]) / edge[b]), n1 - 1)
+            c2 = min(int((points[i, 2] - origin[b, 2]) / edge[b]), n2 - 1)
+            c = cell_offset[b] + (c0 * n1 + c1) * n2 + c2
+            cell_of[i] = c
+            cell_start[c + 1] += 1
+    for c in range(total):
+        cell_start[c + 1] += cell_start[c]
+    fill = cell_start[:-1].copy()
+    order = np.empty(P, dtype=np.int64)
+    for i in range(P):
+        c = cell_of[i]
+        order[fill[c]] = i
+        fill[c] += 1
+    sorted_points = np.empty((P, 3))
+    local = np.empty(P, dtype=np.int64)
+    for b in range(B):  # sorted slots of cloud b: its cells' ranges, contiguous
+        for j in range(cell_start[cell_offset[b]], cell_start[cell_offset[b + 1]]):
+            i = order[j]
+            sorted_points[j] = points[i]
+            local[j] = i - starts[b]
+    return origin, edge, dims, cell_offset, cell_start, sorted_points, local
+
+
+@_njit(inline="always")
+def _grow(r2, h):
+    """A squared radius widened by the rounding margin."""
+    return r2 * (1.0 + 4 * _MARGIN) + (_MARGIN * h) ** 2
+
+
+@_njit(inline="always")
+def _gap2(x, lo, h):
+    """Squared distance from coordinate ``x`` to the slab ``[lo, lo + h]``."""
+    if x < lo:
+        return (lo - x) ** 2
+    if x > lo + h:
+        return (x - lo - h) ** 2
+    return 0.0
+
+
+# Query rows per parallel task.
+_CHUNK = 256
+
+
+@_njit()
+def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims, cell_offset, cell_start,
+                 pts, local, k, temperature, log_tol, warm_i, warm_d, idx, counts, certified):
+    """Search the query rows ``rows`` (flat ``b * N + n``) of ``queries (B, N, 3)``; writes
+    ``idx (B, N, k)``, ``counts (B, N)``, ``certified (B, N)``.
+
+    Hard mode (``temperature`` empty): the ``k`` nearest points, nearest first. Soft mode
+    (``temperature (B,)``): every point with ``d^2 < d_1^2 + spread`` is a candidate, with
+    ``spread = T_b (log M_b - log_tol)``; the ``k`` nearest candidates are kept and the row is
+    certified unless candidates that did not fit weigh too much. ``warm_i`` (empty, or ``(B, N)``
+    guesses with squared distances ``warm_d``; hard ``k = 1`` only) seeds the search.
+
+    Cells are scanned in rings of growing Chebyshev radius ``r`` around the query's clamped cell.
+    Before ring ``r >= 1`` every unscanned point is at squared distance
+    ``>= D^2 + ((r - 1) h + delta)^2`` (``D``: distance to the grid box; ``delta``: from the clamped
+    query to the nearest face of its cell that has cells beyond it), so the scan stops once that
+    exceeds the search radius; inside a ring, slabs and cells farther than the radius are skipped.
+    One function, no calls that pass arrays: the hot loop does no reference counting.
+    """
+    N = queries.shape[1]
+    soft = temperature.shape[0] > 0
+    has_warm = warm_i.shape[0] > 0
+    best_d = np.empty(k)
+    best_i = np.zeros(k, dtype=np.int64)
+    for row in rows:
+        b = row // N
+        n = row - b * N
+        if n >= query_lengths[b]:
+            continue
+        q0, q1, q2 = queries[b, n, 0], queries[b, n, 1], queries[b, n, 2]
+        length = point_lengths[b]
+        t = temperature[b] if soft else 0.0
+        spread = max(t * (math.log(length) - log_tol), 0.0) if soft else 0.0
+        kk = 1 if soft else min(k, length)
+        h = edge[b]
+        n0, n1, n2 = dims[b, 0], dims[b, 1], dims[b, 2]
+        o0, o1, o2 = origin[b, 0], origin[b, 1], origin[b, 2]
+        p0 = min(max(q0, o0), o0 + n0 * h)
+        p1 = min(max(q1, o1), o1 + n1 * h)
+        p2 = min(max(q2, o2), o2 + n2 * h)
+        D2 = (q0 - p0) ** 2 + (q1 - p1) ** 2 + (q2 - p2) ** 2
+        c0 = min(int((p0 - o0) / h), n0 - 1)
+        c1 = min(int((p1 - o1) / h), n1 - 1)
+        c2 = min(int((p2 - o2) / h), n2 - 1)
+        delta = np.inf
+        if c0 > 0:
+            delta = min(delta, p0 - (o0 + c0 * h))
+        if c0 < n0 - 1:
+            delta = min(delta, o0 + (c0 + 1) * h - p0)
+        if c1 > 0:
+            delta = min(delta, p1 - (o1 + c1 * h))
+        if c1 < n1 - 1:
+            delta = min(delta, o1 + (c1 + 1) * h - p1)
+        if c2 > 0:
+            delta = min(delta, p2 - (o2 + c2 * h))
+        if c2 < n2 - 1:
+            delta = min(delta, o2 + (c2 + 1) * h - p2)
+        delta = max(delta, 0.0)
+        rmax = max(max(c0, n0 - 1 - c0), max(max(c1, n1 - 1 - c1), max(c2, n2 - 1 - c2)))
+        base = cell_offset[b]
+        count = 0
+        evicted = np.inf
+        rad2 = np.inf
+        if has_warm:
+            best_d[0] = warm_d[b, n]
+            best_i[0] = warm_i[b, n]
+            count = 1
+            rad2 = _grow(best_d[0], h)
+        for r in range(rmax + 1):
+            if r > 0 and rad2 < np.inf:
+                reach = (r - 1) * h + delta - _MARGIN * h
+                if reach > 0 and D2 + reach * reach > rad2:
+                    break
+            for i in range(max(c0 - r, 0), min(c0 + r, n0 - 1) + 1):
+                g0 = _gap2(q0, o0 + i * h, h)
+                if g0 > rad2:
+                    continue
+                fi = abs(i - c0) == r
+                for j in range(max(c1 - r, 0), min(c1 + r, n1 - 1) + 1):
+                    g1 = g0 + _gap2(q1, o1 + j * h, h)
+                    if g1 > rad2:
+                        continue
+                    step = 1 if (fi or abs(j - c1) == r or r == 0) else 2 * r
+                    for l in range(c2 - r, c2 + r + 1, step):
+                        if l < 0 or l >= n2:
+                            continue
+                        if g1 + _gap2(q2, o2 + l * h, h) > rad2:
+                            continue
+                        c = base + (i * n1 + j) * n2 + l
+                        for s in range(cell_start[c], cell_start[c + 1]):
+                            d = (pts[s, 0] - q0) ** 2 + (pts[s, 1] - q1) ** 2 + (pts[s, 2] - q2) ** 2
+                            if d >= rad2:
+                                continue
+                            m = local[s]
+                            if has_warm and m == best_i[0]:
+                                continue  # the seed itself
+                            # insert (d, m) into the sorted k best
+                            if count < k:
+                                pos = count
+                                count += 1
+                            elif d < best_d[k - 1]:
+                                evicted = min(evicted, best_d[k - 1])
+                                pos = k - 1
+                            else:
+                                evicted = min(evicted, d)
+                                continue
+                            while pos > 0 and best_d[pos - 1] > d:
+                                best_d[pos] = best_d[pos - 1]
+                                best_i[pos] = best_i[pos - 1]
+                                pos -= 1
+                            best_d[pos] = d
+                            best_i[pos] = m
+                            # the search radius shrinks as closer points turn up
+                            if soft:
+                                rad2 = _grow(best_d[0] + spread, h)
+                            elif count >= kk:
+                                rad2 = _grow(best_d[kk - 1], h)
+        if soft:
+            # candidates kept before the radius was known may lie beyond it: drop them (each
+            # weighs < tol / M_b relative to the nearest, like every point never kept)
+            while count > 1 and best_d[count - 1] >= best_d[0] + spread:
+                count -= 1
+        for j in range(count):
+            idx[b, n, j] = best_i[j]
+        for j in range(count, k):
+            idx[b, n, j] = best_i[0]
+        counts[b, n] = count
+        if soft and evicted < np.inf:
+            # candidates within the radius did not fit: certified only if the dropped ones, all
+            # at squared distance >= evicted, weigh little enough
+            certified[b, n] = evicted - best_d[0] >= t * (math.log(length - count) - log_tol)
+
+
+@_njit(parallel=True)
+def _query(rows, queries, query_lengths, point_lengths, origin, edge, dims, cell_offset, cell_start, pts, local,
+           k, temperature, log_tol, warm_i, warm_d, idx, counts, certified):
+    """:func:`_search_rows` over the flat query ``rows``, in parallel chunks."""
+    tasks = (rows.shape[0] + _CHUNK - 1) // _CHUNK
+    for task in numba.prange(tasks):
+        chunk = rows[task * _CHUNK: min(rows.shape[0], (task + 1) * _CHUNK)]
+        _search_rows(chunk, queries, query_lengths, point_lengths, origin, edge, dims, cell_offset, cell_start,
+                     pts, local, k, temperature, log_tol, warm_i, warm_d, idx, counts, certified)
+
+
+@_njit(parallel=True)
+def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, best_d2, certified):
+    """Nearest neighbours certified from a guess per query (ICP: the previous iteration's answer).
+
+    For a guess ``j`` with ``d_j = |q - p_j|``, the best ``b`` of ``p_j`` and its precomputed
+    neighbours (all points within ``radius[j]`` of ``p_j``) is exact if ``d_b + d_j < radius[j]``:
+    any closer point lies within ``d_b + d_j`` of ``p_j``. Otherwise the guess moves to ``b`` and
+    the test is repeated (up to 3 steps). Writes the best point so far, its squared distance and
+    whether it is certified; uncertified rows go to the grid search, seeded with it.
+    """
+    B, N = queries.shape[0], queries.shape[1]
+    K = graph.shape[2]
+    rows = B * N
+    tasks = (rows + _CHUNK - 1) // _CHUNK
+    for task in numba.prange(tasks):
+        for row in range(task * _CHUNK, min(rows, (task + 1) * _CHUNK)):
+            b = row // N
+            n = row - b * N
+            if n >= query_lengths[b]:
+                continue
+            q0, q1, q2 = queries[b, n, 0], queries[b, n, 1], queries[b, n, 2]
+            j = warm[b, n]
+            dj = (points[b, j, 0] - q0) ** 2 + (points[b, j, 1] - q1) ** 2 + (points[b, j, 2] - q2) ** 2
+            ok = False
+            for _ in range(3):
+                bj = j
+                bd = dj
+                for s in range(K):
+                    m = graph[b, j, s]
+                    d = (points[b, m, 0] - q0) ** 2 + (points[b, m, 1] - q1) ** 2 + (points[b, m, 2] - q2) ** 2
+                    if d < bd:
+                        bd = d
+                        bj = m
+                ok = (math.sqrt(bd) + math.sqrt(dj)) * (1.0 + 4 * _MARGIN) < radius[b, j]
+                moved = bj != j
+                j = bj
+                dj = bd
+                if ok or not moved:
+                    break
+            best_j[b, n, 0] = j
+            best_d2[b, n] = dj
+            certified[b, n] = ok
+
+
+@_njit(parallel=True)
+def _transform_rows(source, rotation, translation, query_lengths, out):
+    """``out = R_b x + t_b`` for every valid row of ``source (B, N, 3)``."""
+    B, N = source.shape[0], source.shape[1]
+    for b in numba.prange(B):
+        for n in range(query_lengths[b]):
+            for i in range(3):
+                out[b, n, i] = (rotation[b, i, 0] * source[b, n, 0] + rotation[b, i, 1] * source[b, n, 1]
+                                + rotation[b, i, 2] * source[b, n, 2] + translation[b, i])
+
+
+@_njit(parallel=True)
+def _moments(source, moved, idx, weights, query_lengths, points, source_ref, target_ref, out):
+    """Per-cloud weighted moments of the pairs ``x_n -> p_idx[n]`` (points shifted by a reference):
+    ``out[b] = [sum w, sum w x', sum w q', sum w q' x'^T (row-major), sum w |y - q|^2]`` (17 values),
+    ``x' = x - source_ref[b]``, ``q' = q - target_ref[b]``, ``y`` the moved source point."""
+    B = source.shape[0]
+    for b in numba.prange(B):
+        acc = np.zeros(17)
+        for n in range(query_lengths[b]):
+            w = weights[b, n]
+            if w == 0.0:
+                continue
+            j = idx[b, n, 0]
+            x0 = source[b, n, 0] - source_ref[b, 0]
+            x1 = source[b, n, 1] - source_ref[b, 1]
+            x2 = source[b, n, 2] - source_ref[b, 2]
+            q0 = points[b, j, 0] - target_ref[b, 0]
+            q1 = points[b, j, 1] - target_ref[b, 1]
+            q2 = points[b, j, 2] - target_ref[b, 2]
+            acc[0] += w
+            acc[1] += w * x0
+            acc[2] += w * x1
+            acc[3] += w * x2
+            acc[4] += w * q0
+            acc[5] += w * q1
+            acc[6] += w * q2
+            acc[7] += w * q0 * x0
+            acc[8] += w * q0 * x1
+            acc[9] += w * q0 * x2
+            acc[10] += w * q1 * x0
+            acc[11] += w * q1 * x1
+            acc[12] += w * q1 * x2
+            acc[13] += w * q2 * x0
+            acc[14] += w * q2 * x1
+            acc[15] += w * q2 * x2
+            e0 = moved[b, n, 0] - points[b, j, 0]
+            e1 = moved[b, n, 1] - points[b, j, 1]
+            e2 = moved[b, n, 2] - points[b, j, 2]
+            acc[16] += w * (e0 * e0 + e1 * e1 + e2 * e2)
+        out[b] = acc
+
+
+_NO_WARM_I = np.zeros((0, 0), dtype=np.int64)
+_NO_WARM_D = np.zeros((0, 0))
+_NO_TEMPERATURE = np.zeros(0)
+
+
+_THREADS_LAUNCHED = False
+
+
+def _launch_threads() -> None:
+    """Start numba's thread pool once, quietly: where an older TBB is already loaded (Open3D ships
+    one) numba warns that it skips its TBB layer and uses OpenMP, which concerns nobody here."""
+    global _THREADS_LAUNCHED
+    if not _THREADS_LAUNCHED:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TBB.*")
+            try:
+                numba.np.ufunc.parallel._launch_threads()
+            except AttributeError:  # pragma: no cover - a numba without that helper launches lazily
+                pass
+        _THREADS_LAUNCHED = True
+
+
+def _host(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+class BatchGrid:
+    """Uniform grids over every valid point of a padded batch ``points (B, M, 3)``.
+
+    Args:
+        points: ``(B, M, 3)``.
+        lengths: ``(B,)`` int64 number of valid points of each cloud (each ``>= 1``).
+    """
+
+    def __init__(self, points: Tensor, lengths: Tensor):
+        if not AVAILABLE:  # pragma: no cover
+            raise ImportError("the grid backend needs numba: pip install numba (or use backend='tree').")
+        _launch_threads()
+        B, M, _ = points.shape
+        self.device = points.device
+        self.lengths = lengths.detach().cpu().numpy().astype(np.int64)
+        valid = np.arange(M)[None, :] < self.lengths[:, None]
+        flat = np.ascontiguousarray(_host(points)[valid])
+        starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self._grid = _build(flat, starts, _CELL_SCALE)
+        self._points = _host(points)
+        self._graph = None
+        self._radius = None
+        self._reference = None  # (B, 3) centroid of each cloud's valid points
+        self._source_cache = None  # host copies for point_to_point_moments
+        self.certified_fraction = None  # of the last warm query (diagnostics)
+
+    def _build_graph(self, neighbors: int) -> None:
+        """Each point's ``neighbors`` nearest (itself included) and the radius they cover."""
+        B, M, _ = self._points.shape
+        kk = int(min(neighbors, self.lengths.min()))
+        full = torch.from_numpy(self.lengths)
+        graph = self.query(torch.from_numpy(self._points), full, kk).cpu().numpy()
+        far = np.take_along_axis(self._points, graph[..., -1:].repeat(3, -1), axis=1)
+        radius = np.sqrt(((self._points - far) ** 2).sum(-1))
+        # a cloud whose every point is in the set needs no certificate
+        radius[self.lengths <= kk] = np.inf
+        self._graph = np.ascontiguousarray(graph)
+        self._radius = np.ascontiguousarray(radius)
+
+    def _run(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray, log_tol: float):
+        B, N, _ = query.shape
+        ql = query_lengths.detach().cpu().numpy().astype(np.int64)
+        idx = np.zeros((B, N, k), dtype=np.int64)
+        counts = np.zeros((B, N), dtype=np.int64)
+        certified = np.ones((B, N), dtype=bool)
+        _query(np.arange(B * N), _host(query), ql, self.lengths, *self._grid, int(k), temperature, float(log_tol),
+               _NO_WARM_I, _NO_WARM_D, idx, counts, certified)
+        return idx, counts, certified
+
+    def query(self, query: Tensor, query_lengths: Tensor, k: int) -> Tensor:
+        """Indices ``(B, N, k)`` int64 (on the points' device) of the ``k`` nearest valid points,
+        nearest first; padded query rows get index 0. ``k`` must not exceed any cloud's length."""
+        idx, _, _ = self._run(query, query_lengths, k, _NO_TEMPERATURE, 0.0)
+        return torch.from_numpy(idx).to(self.device)
+
+    def _nearest_host(self, q: np.ndarray, ql: np.ndarray, warm, neighbors: int) -> np.ndarray:
+        """Exact nearest indices ``(B, N, 1)`` of float64 host queries, warm-started when ``warm``
+        (``(B, N)`` int64 guesses) is given; sets :attr:`certified_fraction`."""
+        B, N, _ = q.shape
+        out = np.zeros((B, N, 1), dtype=np.int64)
+        if warm is None:
+            _query(np.arange(B * N), q, ql, self.lengths, *self._grid, 1, _NO_TEMPERATURE, 0.0, _NO_WARM_I,
+                   _NO_WARM_D, out, np.zeros((B, N), dtype=np.int64), np.ones((B, N), dtype=bool))
+            return out
+        if self._graph is None:
+            self._build_graph(neighbors)
+        best_d2 = np.zeros((B, N))
+        certified = np.ones((B, N), dtype=bool)
+        _warm_certify(q, ql, warm, self._points, self._graph, self._radius, out, best_d2, certified)
+        rest = np.flatnonzero(~certified)  # padded rows are certified
+        if rest.size:
+            _query(rest, q, ql, self.lengths, *self._grid, 1, _NO_TEMPERATURE, 0.0, out[..., 0], best_d2, out,
+                   np.zeros((B, N), dtype=np.int64), np.ones((B, N), dtype=bool))
+        self.certified_fraction = 1.0 - rest.size / max(int(ql.sum()), 1)
+        return out
+
+    def warm_query(self, query: Tensor, query_lengths: Tensor, warm: Tensor, neighbors: int = 13) -> Tensor:
+        """Exact nearest neighbours ``(B, N, 1)`` from guesses ``warm (B, N)`` (valid indices).
+
+        Certified from each guess's ``neighbors`` nearest target points (a graph built on the
+        first call), else searched in the grid; the answer does not depend on the guesses."""
+        ql = query_lengths.detach().cpu().numpy().astype(np.int64)
+        w = np.ascontiguousarray(warm.detach().cpu().numpy().astype(np.int64))
+        return torch.from_numpy(self._nearest_host(_host(query), ql, w, neighbors)).to(self.device)
+
+    def point_to_point_moments(self, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor,
+                               warm, neighbors: int = 13):
+        """One fused hard-NN point-to-point ICP pass (no autograd): move ``source`` by
+        ``transform (B, 4, 4)``, match every point to its exact nearest neighbour (warm-started
+        from ``warm``, ``(B, N)`` int64 numpy or None) and accumulate the weighted moments that
+        Procrustes needs. Returns ``(moments (B, 17) float64 numpy, indices (B, N) int64 numpy,
+        target reference (B, 3))``; see :func:`_moments` for the layout."""
+        B, N, _ = source.shape
+        key = (source.data_ptr(), source._version, tuple(source.shape), source_lengths.data_ptr(),
+               weights.data_ptr(), weights._version)
+        if self._source_cache is None or self._source_cache[0] != key:
+            # host copies of what stays fixed over an ICP run (the source, its weights, a reference)
+            ql = source_lengths.detach().cpu().numpy().astype(np.int64)
+            x = _host(source)
+            valid = (np.arange(N)[None, :] < ql[:, None])[..., None]
+            source_ref = (x * valid).sum(1) / np.maximum(ql, 1)[:, None]
+            self._source_cache = (key, ql, x, _host(weights), source_ref, np.zeros((B, N, 3)))
+        _, ql, x, w, source_ref, moved = self._source_cache
+        T = _host(transform)
+        _transform_rows(x, np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3]), ql, moved)
+        idx = self._nearest_host(moved, ql, warm, neighbors)
+        if self._reference is None:
+            valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
+            self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]
+        out = np.zeros((B, 17))
+        _moments(x, moved, idx, w, ql, self._points, source_ref, self._reference, out)
+        return out, idx[..., 0], source_ref, self._reference
+
+    def soft_candidates(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray,
+                        tolerance: float):
+        """Certified soft candidates: ``(indices (B, N, k), counts (B, N), certified (B, N))``.
+
+        For a certified row every valid point outside its first ``counts`` candidates has
+        softmax weight ``exp(-(d^2 - d_1^2) / T_b)`` summing to at most ``tolerance`` (relative to
+        the nearest point's weight 1). Uncertified rows need an exact evaluation.
+        """
+        t = np.ascontiguousarray(np.asarray(temperature, dtype=np.float64).reshape(-1))
+        idx, counts, cert = self._run(query, query_lengths, k, t, math.log(tolerance))
+        dev = self.device
+        return torch.from_numpy(idx).to(dev), torch.from_numpy(counts).to(dev), torch.from_numpy(cert).to(dev)
