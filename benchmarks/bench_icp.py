@@ -64,10 +64,12 @@ SEED = 0
 # name: (label, family, metric for the Open3D ratio, cost exponent in N, dense memory bytes per N^2)
 METHODS = {
     "diffcp_nn_p2p": ("diffcp NN, Procrustes point-to-point", "diffcp", "p2p", 1.15, 0),
+    "diffcp_nn_p2p_tree": ("diffcp NN (k-d tree backend), point-to-point", "diffcp", "p2p", 1.15, 0),
     "diffcp_nn_p2l_linear": ("diffcp NN, linear point-to-plane", "diffcp", "p2l", 1.15, 0),
     "diffcp_nn_p2l_lm": ("diffcp NN, LM point-to-plane", "diffcp", "p2l", 1.15, 0),
-    "diffcp_soft_fwd": ("diffcp soft NN, forward", "diffcp", "p2p", 2.0, 0),
-    "diffcp_soft_fwdbwd": ("diffcp soft NN, forward+backward", "diffcp", "p2p", 2.0, 0),
+    "diffcp_soft_fwd": ("diffcp soft NN, forward", "diffcp", "p2p", 1.15, 0),
+    "diffcp_soft_fwdbwd": ("diffcp soft NN, forward+backward", "diffcp", "p2p", 1.15, 0),
+    "diffcp_soft_fwdbwd_attention": ("diffcp soft NN (exact attention), fwd+bwd", "diffcp", "p2p", 2.0, 0),
     "open3d_p2p": ("Open3D legacy point-to-point (loop)", "peer", "p2p", 1.15, 0),
     "open3d_p2l": ("Open3D legacy point-to-plane (loop)", "peer", "p2l", 1.15, 0),
     "naive_nn": ("naive dense NN + SVD (loop)", "reference", "p2p", 2.0, 16),
@@ -185,6 +187,9 @@ def run_diffcp(method, src, tgt, nrm, temperature, device):
     if method == "diffcp_nn_p2p":
         with torch.no_grad():
             out = diffcp.icp(s, q, max_iterations=HARD_ITERATIONS, tolerance=0.0)
+    elif method == "diffcp_nn_p2p_tree":
+        with torch.no_grad():
+            out = diffcp.icp(s, q, max_iterations=HARD_ITERATIONS, tolerance=0.0, search_backend="tree")
     elif method == "diffcp_nn_p2l_linear":
         with torch.no_grad():
             out = diffcp.icp(s, q, target_normals=n, metric="point_to_plane", solver="linear",
@@ -197,11 +202,12 @@ def run_diffcp(method, src, tgt, nrm, temperature, device):
         with torch.no_grad():
             out = diffcp.icp(s, q, correspondence="soft_nn", temperature=temperature,
                              max_iterations=SOFT_ITERATIONS, tolerance=0.0)
-    elif method == "diffcp_soft_fwdbwd":
+    elif method in ("diffcp_soft_fwdbwd", "diffcp_soft_fwdbwd_attention"):
         s.requires_grad_(True)
         q.requires_grad_(True)
+        backend = "attention" if method.endswith("attention") else "auto"
         out = diffcp.icp(s, q, correspondence="soft_nn", temperature=temperature,
-                         max_iterations=SOFT_ITERATIONS, tolerance=0.0)
+                         max_iterations=SOFT_ITERATIONS, tolerance=0.0, soft_backend=backend)
         (out.transform * _loss_weights(device)).sum().backward()
         assert s.grad is not None and bool(torch.isfinite(s.grad).all())
     else:
@@ -424,7 +430,8 @@ THREADS = 1
 
 def call_worker(args_list, timeout):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *map(str, args_list)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), DIFFCP_BENCH_THREADS=str(THREADS))
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), NUMBA_NUM_THREADS=str(THREADS),
+               DIFFCP_BENCH_THREADS=str(THREADS))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -456,7 +463,8 @@ def device_description(device_name: str) -> str:
 
     from diffcp.provenance import _cpu_model
 
-    cpu = f"{_cpu_model()} ({len(os.sched_getaffinity(0))} cores, {THREADS} torch/OpenMP thread(s) per worker)"
+    cpu = (f"{_cpu_model()} ({len(os.sched_getaffinity(0))} cores, {THREADS} torch/numba/OpenMP thread(s) "
+           "per worker)")
     if device_name == "cuda":
         return f"{torch.cuda.get_device_name(0)}; host CPU {cpu}"
     return f"CPU: {cpu}"
@@ -483,9 +491,10 @@ def main():
     parser.add_argument("--limit", type=float, default=60.0, help="skip configurations predicted slower (s)")
     parser.add_argument("--budget", type=float, default=480.0,
                         help="skip the remaining configurations once this many seconds have passed")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and OpenMP threads per worker (default 1: on a shared 2-core machine, "
-                             "2 OpenMP threads collapse under load); SciPy's tree queries use all cores")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch, numba and OpenMP (Open3D) threads per worker (default: every core); "
+                             "use 1 on a loaded machine, where threads waiting at barriers collapse. "
+                             "SciPy's tree queries use every core in any case")
     parser.add_argument("--device", default=None, help="torch device for diffcp and torch peers (default: cuda if available)")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -551,13 +560,16 @@ def main():
 
     # soft correspondences, one call of the attention backend: forward at N = M = 100,000; the CPU
     # backward of the attention kernel is ~10x slower than its forward, so it is measured at 20,000
+    # and the certified truncation (the CPU's "auto" for ICP temperatures) forward+backward at 100,000
     soft_mem = {}
-    for bwd, n in ((False, 100_000), (True, 20_000)):
+    for bwd, n, backend in ((False, 100_000, "attention"), (True, 20_000, "attention"), (True, 100_000, "truncated")):
         key = f"{'forward+backward' if bwd else 'forward'} N=M={n}"
-        soft_mem[key] = call_worker(["soft_memory", n, int(bwd), device], 300)
+        if backend != "attention":
+            key += f" ({backend})"
+        soft_mem[key] = call_worker(["soft_memory", n, int(bwd), device, backend], 300)
         r = soft_mem[key]
         shown = (f"{r['time_s']:.1f} s, peak {r['peak_mem_mb']:.0f} MB" if r.get("status") == "ok" else r["status"])
-        print(f"  soft correspondences (attention), {key}: {shown}", flush=True)
+        print(f"  soft correspondences ({backend}), {key}: {shown}", flush=True)
 
     for (method, B, N), row in measured.items():
         if row.get("status") == "ok":
@@ -653,11 +665,11 @@ def main():
             "load_average_start": round(load_start[0], 2), "load_average_end": round(load_end[0], 2),
         },
         "rows": rows,
-        "soft_correspondences_attention": soft_mem,
+        "soft_correspondences": soft_mem,
         "not_run": NOT_RUN,
         "targets": targets,
     }
-    name = machine_tag(device) + ("-quick" if args.quick else "") + ".json"
+    name = machine_tag(device) + f"-t{THREADS}" + ("-quick" if args.quick else "") + ".json"
     path = write_result(HERE / "results" / name, data, command=" ".join(["python"] + sys.argv), started=started)
     print(f"\nwrote {path.relative_to(ROOT)}")
 

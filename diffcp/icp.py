@@ -369,9 +369,10 @@ def icp(
             neighbours (see :func:`diffcp.search.knn`). On a CPU with the grid, hard-NN
             point-to-point Procrustes without weighting or rejection runs each iteration that
             needs no gradient as one fused compiled pass (same result, float64 sums).
-        soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (the exact ``k``
-            nearest points only, where that is certified to the dtype's precision; see
-            :func:`diffcp.search.soft_nearest`) for soft nearest neighbours.
+        soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (nearby
+            candidates only, row by row where that is certified to the dtype's precision, the
+            other rows exactly; see :func:`diffcp.search.soft_nearest`) for soft nearest
+            neighbours. ``"auto"`` truncates on a CPU with numba.
 
     Returns:
         :class:`ICPResult`.

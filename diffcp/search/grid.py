@@ -46,9 +46,11 @@ __all__ = ["AVAILABLE", "BatchGrid"]
 
 AVAILABLE = numba is not None
 
-# Rings are grown while the bound is below the k-th best distance; this relative margin (in cell
-# edges) absorbs the rounding of the cell assignment floor((x - origin) / h).
+# Every bound that decides what may be skipped is loosened by a slack: _MARGIN cell edges, plus
+# _ULPS units in the last place of the largest coordinate involved (the faces o + i h, and the
+# differences p - q, are rounded at that scale: clouds far from the origin need it).
 _MARGIN = 1e-9
+_ULPS = 8 * 2.0 ** -52
 
 # Cell edge in units of the "one point per cell" edge.
 _CELL_SCALE = 1.0
@@ -122,19 +124,18 @@ def _build(points, starts, scale):
 
 
 @_njit(inline="always")
-def _grow(r2, h):
-    """A squared radius widened by the rounding margin."""
-    return r2 * (1.0 + 4 * _MARGIN) + (_MARGIN * h) ** 2
+def _grow(r2, slack):
+    """A squared radius widened by the rounding slack."""
+    r = math.sqrt(r2) + slack
+    return r * r
 
 
 @_njit(inline="always")
-def _gap2(x, lo, h):
-    """Squared distance from coordinate ``x`` to the slab ``[lo, lo + h]``."""
-    if x < lo:
-        return (lo - x) ** 2
-    if x > lo + h:
-        return (x - lo - h) ** 2
-    return 0.0
+def _gap2(x, lo, h, slack):
+    """Squared distance from coordinate ``x`` to the slab ``[lo, lo + h]``, less the slack."""
+    g = lo - x if x < lo else (x - lo - h if x > lo + h else 0.0)
+    g -= slack
+    return g * g if g > 0.0 else 0.0
 
 
 # Query rows per parallel task.
@@ -199,6 +200,9 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
         if c2 < n2 - 1:
             delta = min(delta, o2 + (c2 + 1) * h - p2)
         delta = max(delta, 0.0)
+        big = max(max(abs(q0), abs(q1)), abs(q2))
+        big = max(big, max(max(abs(o0), abs(o1)), abs(o2)) + max(max(n0, n1), n2) * h)
+        slack = _MARGIN * h + _ULPS * big
         rmax = max(max(c0, n0 - 1 - c0), max(max(c1, n1 - 1 - c1), max(c2, n2 - 1 - c2)))
         base = cell_offset[b]
         count = 0
@@ -208,26 +212,26 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
             best_d[0] = warm_d[b, n]
             best_i[0] = warm_i[b, n]
             count = 1
-            rad2 = _grow(best_d[0], h)
+            rad2 = _grow(best_d[0], slack)
         for r in range(rmax + 1):
             if r > 0 and rad2 < np.inf:
-                reach = (r - 1) * h + delta - _MARGIN * h
+                reach = (r - 1) * h + delta - slack
                 if reach > 0 and D2 + reach * reach > rad2:
                     break
             for i in range(max(c0 - r, 0), min(c0 + r, n0 - 1) + 1):
-                g0 = _gap2(q0, o0 + i * h, h)
+                g0 = _gap2(q0, o0 + i * h, h, slack)
                 if g0 > rad2:
                     continue
                 fi = abs(i - c0) == r
                 for j in range(max(c1 - r, 0), min(c1 + r, n1 - 1) + 1):
-                    g1 = g0 + _gap2(q1, o1 + j * h, h)
+                    g1 = g0 + _gap2(q1, o1 + j * h, h, slack)
                     if g1 > rad2:
                         continue
                     step = 1 if (fi or abs(j - c1) == r or r == 0) else 2 * r
                     for l in range(c2 - r, c2 + r + 1, step):
                         if l < 0 or l >= n2:
                             continue
-                        if g1 + _gap2(q2, o2 + l * h, h) > rad2:
+                        if g1 + _gap2(q2, o2 + l * h, h, slack) > rad2:
                             continue
                         c = base + (i * n1 + j) * n2 + l
                         for s in range(cell_start[c], cell_start[c + 1]):
@@ -255,9 +259,9 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
                             best_i[pos] = m
                             # the search radius shrinks as closer points turn up
                             if soft:
-                                rad2 = _grow(best_d[0] + spread, h)
+                                rad2 = _grow(best_d[0] + spread, slack)
                             elif count >= kk:
-                                rad2 = _grow(best_d[kk - 1], h)
+                                rad2 = _grow(best_d[kk - 1], slack)
         if soft:
             # candidates kept before the radius was known may lie beyond it: drop them (each
             # weighs < tol / M_b relative to the nearest, like every point never kept)
@@ -318,7 +322,14 @@ def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, b
                     if d < bd:
                         bd = d
                         bj = m
-                ok = (math.sqrt(bd) + math.sqrt(dj)) * (1.0 + 4 * _MARGIN) < radius[b, j]
+                rj = radius[b, j]
+                if rj == np.inf:  # the neighbourhood is the whole cloud
+                    ok = True
+                else:
+                    big = max(max(abs(q0), abs(q1)), abs(q2))
+                    big = max(big, max(max(abs(points[b, j, 0]), abs(points[b, j, 1])), abs(points[b, j, 2])))
+                    slack = _ULPS * (big + rj) + _MARGIN * rj
+                    ok = math.sqrt(bd) + math.sqrt(dj) + 3 * slack < rj
                 moved = bj != j
                 j = bj
                 dj = bd

@@ -6,7 +6,7 @@ optional per-point ``values`` (e.g. target normals). ``T -> 0`` gives the hard n
 ``T -> inf`` the centroid. Everything is differentiable in the query, the points, the values and
 the temperature.
 
-Two backends compute the same thing:
+Three backends compute the same thing:
 
 * ``"dense"``: the reference; materialises the ``(B, N, M)`` weights.
 * ``"attention"``: O(N + M) memory through ``scaled_dot_product_attention``. Since
@@ -16,19 +16,21 @@ Two backends compute the same thing:
   the target centroid to keep ``|p|^2`` small. The backward recomputes the weights in tiles of
   query rows (bounded memory); measured on 2 CPU cores, N = M = 100,000 float32: peak RSS
   285 MiB forward, 450 MiB forward + backward (of which ~260 MiB is the torch runtime).
-* ``"truncated"``: O(N k) time and memory, for the small temperatures ICP uses. The exact
-  ``k`` nearest points of every query (:func:`~diffcp.search.knn`, not differentiable) are the
-  candidates; the softmax runs over them only, with logits ``-|q - p_idx|^2 / T`` recomputed from
-  the gathered coordinates, so gradients reach the query, the points, the values and the
-  temperature through the candidates (autograd through a gather: the backward is O(N k) too).
-  ``k`` is ``min(k, smallest valid cloud length)``.
+* ``"truncated"``: O(N k) time and memory, for the small temperatures ICP uses. Each query row
+  gets a set of candidate points (not differentiable: indices); the softmax runs over them only,
+  with logits ``-|q - p_idx|^2 / T`` recomputed from the gathered coordinates, so gradients reach
+  the query, the points, the values and the temperature through the candidates (autograd through
+  a gather: the backward is O(N k) too). Rows whose truncation is not certified (below) are
+  computed exactly by the attention kernel, on a sub-batch of those rows only; if fewer than half
+  the rows are certified, the whole call runs ``"attention"``.
 
-  Certificate. For one query row let ``d_1^2 <= ... <= d_k^2`` be the squared distances of the
-  candidates and ``M_b`` the valid length of its cloud. Every point outside the candidate set has
-  squared distance ``>= d_k^2``, so with weights normalised to the largest one,
-  ``w_j = exp(-(d_j^2 - d_1^2) / T) <= 1``, the kept mass is ``S_K >= 1`` and the dropped mass is
+  Certificate. For one query row with nearest squared distance ``d_1^2``, let every valid point
+  outside the candidate set lie at squared distance ``>= rho^2``, and let ``M_b`` be the valid
+  length of its cloud and ``m`` the number of candidates. With weights normalised to the largest
+  one, ``w_j = exp(-(d_j^2 - d_1^2) / T) <= 1``, the kept mass is ``S_K >= 1`` and the dropped
+  mass is
 
-      S_out <= eps := (M_b - k) exp(-(d_k^2 - d_1^2) / T).
+      S_out <= eps := (M_b - m) exp(-(rho^2 - d_1^2) / T).
 
   The exact match is ``(S_K p_K + S_out p_out) / (S_K + S_out)`` with ``p_K`` the truncated match
   and ``p_out`` the weighted mean of the dropped points, hence
@@ -38,13 +40,20 @@ Two backends compute the same thing:
   and likewise ``<= eps * (spread of the values)`` for the values; every kept weight is off by a
   factor ``1 + S_out / S_K`` in ``[1, 1 + eps]``. A row is certified when
   ``eps <= truncation_tolerance`` (default: the dtype's machine epsilon, so the truncation error
-  is below the rounding error of the exact result), tested in log space so nothing overflows:
-  ``log(M_b - k) - (d_k^2 - d_1^2) / T <= log(tol)``; a row whose candidates are the whole cloud
-  (``M_b = k``, ``log 0 = -inf``) is always certified. If every row of the batch is certified
-  the truncated result is returned; otherwise the whole call falls back to ``"attention"``
-  (exact). Padded query rows count as rows (``soft_nearest`` does not know which they are).
-  :data:`LAST_TRUNCATION_CERTIFIED` records which path the last ``"truncated"`` call took
-  (diagnostics only). Deciding costs one host synchronisation (``knn`` synchronises anyway).
+  is below the rounding error of the exact result), tested in log space so nothing overflows; a
+  row whose candidates are its whole cloud (``M_b = m``) is always certified. The candidates:
+
+  - on a CPU with numba, the grid of :mod:`diffcp.search.grid` collects every point with
+    ``d^2 < d_1^2 + T (log M_b - log tol)`` (each point outside weighs ``< tol / M_b``), keeping
+    at most ``k``; a row whose candidates overflow ``k`` is certified with ``rho^2`` the nearest
+    one left out. Only as many slots as the fullest row needs are gathered;
+  - elsewhere (a GPU), the exact ``k`` nearest points (:func:`~diffcp.search.knn`), with
+    ``rho = d_k`` and ``m = min(k, smallest valid cloud length)``.
+
+  Padded query rows count as rows (``soft_nearest`` does not know which they are).
+  :data:`LAST_TRUNCATION_CERTIFIED` (every row certified) and :data:`LAST_CERTIFIED_FRACTION`
+  describe the last ``"truncated"`` call (diagnostics only). Deciding costs one host
+  synchronisation.
 """
 
 from __future__ import annotations
@@ -239,14 +248,14 @@ def soft_nearest(
         points_lengths: optional ``(B,)`` int64 valid point counts.
         values: optional ``(B, M, C)`` per-point values (e.g. normals) to average.
         backend: ``"dense"`` (materialises ``N x M``), ``"attention"`` (O(N + M) memory via
-            ``scaled_dot_product_attention``), ``"truncated"`` (softmax over the ``k`` nearest
-            points, O(N k), used only where certified, else attention; see the module docstring)
-            or ``"auto"`` (attention when ``N * M > ATTENTION_MIN_PAIRS``, else dense; never
-            truncated).
-        k: candidates per query for ``"truncated"`` (capped at the smallest valid cloud length);
-            a positive integer, ignored by the other backends.
-        truncation_tolerance: largest certified dropped weight relative to the largest weight,
-            ``(M_b - k) exp(-(d_k^2 - d_1^2) / T)``, for ``"truncated"``; the result is then within
+            ``scaled_dot_product_attention``), ``"truncated"`` (softmax over certified candidates,
+            O(N k), uncertified rows by attention; see the module docstring) or ``"auto"``:
+            truncated on a CPU with numba from ``TRUNCATED_MIN_PAIRS`` pairs per cloud, else
+            attention when ``N * M > ATTENTION_MIN_PAIRS``, else dense.
+        k: most candidates per query for ``"truncated"``; a positive integer, ignored by the
+            other backends.
+        truncation_tolerance: largest certified dropped weight relative to the largest weight
+            (``eps`` in the module docstring), for ``"truncated"``; the result is then within
             ``tolerance * diameter`` of the exact match. Default: ``torch.finfo(dtype).eps``.
 
     Returns:
