@@ -221,7 +221,7 @@ def test_points_and_queries_exactly_on_cell_faces(k):
     assert_exact(res, p[:, :100], p, k=k)
 
 
-def test_far_from_the_origin_query_next_to_a_cell_face():
+def test_far_from_the_origin_query_next_to_a_cell_face(monkeypatch):
     # Georeferenced clouds (UTM: coordinates ~5e6 m, spacing ~5 cm) have a grid origin o much
     # larger than the cell edge h, so a cell face o + i*h computed in float64 is off by up to
     # half an ulp of o (~5e-10 m here), far more than the search's rounding margin (~1e-9 h,
@@ -229,6 +229,7 @@ def test_far_from_the_origin_query_next_to_a_cell_face():
     # c-1 and c, the query q is in cell c, and a point A of cell c is farther than X by ~1e-10 m
     # (squared distances differ by ~2e-8 relative, far above float64 rounding): the gap from q
     # to slab c-1, computed as (q - fl(o + (c-1) h)) - h, must not exceed |q - X| and skip X.
+    monkeypatch.setattr(grid_module, "_CELL_SCALE", 1.0)  # the construction below assumes h = extent / m
     o = 5_000_000.0
     u = float(np.spacing(o))
     m = 100

@@ -53,7 +53,7 @@ _MARGIN = 1e-9
 _ULPS = 8 * 2.0 ** -52
 
 # Cell edge in units of the "one point per cell" edge.
-_CELL_SCALE = 1.0
+_CELL_SCALE = 1.5
 
 
 def _njit(parallel: bool = False, inline: str = "never"):
@@ -152,7 +152,7 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
     (``temperature (B,)``): every point with ``d^2 < d_1^2 + spread`` is a candidate, with
     ``spread = T_b (log M_b - log_tol)``; the ``k`` nearest candidates are kept and the row is
     certified unless candidates that did not fit weigh too much. ``warm_i`` (empty, or ``(B, N)``
-    guesses with squared distances ``warm_d``; hard ``k = 1`` only) seeds the search.
+    guesses with squared distances ``warm_d``) seeds the search: it only prunes sooner.
 
     Cells are scanned in rings of growing Chebyshev radius ``r`` around the query's clamped cell.
     Before ring ``r >= 1`` every unscanned point is at squared distance
@@ -208,11 +208,13 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
         count = 0
         evicted = np.inf
         rad2 = np.inf
+        seed = -1
         if has_warm:
+            seed = warm_i[b, n]
             best_d[0] = warm_d[b, n]
-            best_i[0] = warm_i[b, n]
+            best_i[0] = seed
             count = 1
-            rad2 = _grow(best_d[0], slack)
+            rad2 = _grow(best_d[0] + spread if soft else best_d[0], slack)
         for r in range(rmax + 1):
             if r > 0 and rad2 < np.inf:
                 reach = (r - 1) * h + delta - slack
@@ -239,8 +241,8 @@ def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims
                             if d >= rad2:
                                 continue
                             m = local[s]
-                            if has_warm and m == best_i[0]:
-                                continue  # the seed itself
+                            if m == seed:
+                                continue  # the seed is in the list already
                             # insert (d, m) into the sorted k best
                             if count < k:
                                 pos = count
@@ -398,6 +400,20 @@ _NO_WARM_D = np.zeros((0, 0))
 _NO_TEMPERATURE = np.zeros(0)
 
 
+@_njit(parallel=True)
+def _compact(idx, counts, offsets, M, rows, cols):
+    """Flat candidate list of ``idx (B, N, k)`` with ``counts (B, N)`` (``offsets``: exclusive
+    cumulative counts, flat): ``rows`` and ``cols`` get the query row ``b * N + n`` and the point
+    row ``b * M + j`` of every kept candidate, row by row."""
+    B, N = counts.shape
+    for b in numba.prange(B):
+        for n in range(N):
+            c = offsets[b * N + n]
+            for s in range(counts[b, n]):
+                rows[c + s] = b * N + n
+                cols[c + s] = b * M + idx[b, n, s]
+
+
 _THREADS_LAUNCHED = False
 
 
@@ -443,6 +459,7 @@ class BatchGrid:
         self._radius = None
         self._reference = None  # (B, 3) centroid of each cloud's valid points
         self._source_cache = None  # host copies for point_to_point_moments
+        self._soft_seed = None  # (B, N) nearest indices of the last soft_candidates call
         self.certified_fraction = None  # of the last warm query (diagnostics)
 
     def _build_graph(self, neighbors: int) -> None:
@@ -534,13 +551,37 @@ class BatchGrid:
 
     def soft_candidates(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray,
                         tolerance: float):
-        """Certified soft candidates: ``(indices (B, N, k), counts (B, N), certified (B, N))``.
+        """Certified soft candidates as a flat list: ``(rows, cols, certified (B, N))``.
 
-        For a certified row every valid point outside its first ``counts`` candidates has
-        softmax weight ``exp(-(d^2 - d_1^2) / T_b)`` summing to at most ``tolerance`` (relative to
-        the nearest point's weight 1). Uncertified rows need an exact evaluation.
+        ``rows`` and ``cols`` (int64, one entry per candidate, grouped by query row) hold the query
+        row ``b * N + n`` and the point row ``b * M + j`` (``M`` the padded cloud length). For a
+        certified row every valid point outside its candidates has softmax weight
+        ``exp(-(d^2 - d_1^2) / T_b)`` summing to at most ``tolerance`` (relative to the nearest
+        point's weight 1); at most ``k`` candidates are kept per row. Padded query rows get their
+        cloud's candidates like any other row. Uncertified rows need an exact evaluation.
+
+        The nearest candidates of the previous call with the same query shape seed the search
+        (ICP's queries move little between iterations): only the time depends on them.
         """
+        B, N, _ = query.shape
         t = np.ascontiguousarray(np.asarray(temperature, dtype=np.float64).reshape(-1))
-        idx, counts, cert = self._run(query, query_lengths, k, t, math.log(tolerance))
+        ql = query_lengths.detach().cpu().numpy().astype(np.int64)
+        q = _host(query)
+        warm_i, warm_d = _NO_WARM_I, _NO_WARM_D
+        if self._soft_seed is not None and self._soft_seed.shape == (B, N):
+            warm_i = self._soft_seed
+            seeds = np.take_along_axis(self._points, warm_i[..., None].repeat(3, -1), axis=1)
+            warm_d = ((seeds - q) ** 2).sum(-1)
+        idx = np.zeros((B, N, k), dtype=np.int64)
+        counts = np.zeros((B, N), dtype=np.int64)
+        cert = np.ones((B, N), dtype=bool)
+        _query(np.arange(B * N), q, ql, self.lengths, *self._grid, int(k), t, math.log(tolerance), warm_i, warm_d,
+               idx, counts, cert)
+        self._soft_seed = np.ascontiguousarray(idx[..., 0])
+        offsets = np.zeros(B * N + 1, dtype=np.int64)
+        np.cumsum(counts.reshape(-1), out=offsets[1:])
+        rows = np.empty(offsets[-1], dtype=np.int64)
+        cols = np.empty(offsets[-1], dtype=np.int64)
+        _compact(idx, counts, offsets, self._points.shape[1], rows, cols)
         dev = self.device
-        return torch.from_numpy(idx).to(dev), torch.from_numpy(counts).to(dev), torch.from_numpy(cert).to(dev)
+        return torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev), torch.from_numpy(cert).to(dev)

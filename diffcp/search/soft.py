@@ -166,23 +166,10 @@ def _rows_to_front(mask: Tensor):
     return order, torch.arange(R, device=mask.device)[None, :] < counts[:, None]
 
 
-def _candidates(q: Tensor, p: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float):
-    """Candidate indices ``(B, N, K)``, slot mask ``(B, N, K)`` and certified rows ``(B, N)``.
-
-    On the CPU with numba, the grid's ring search keeps every point with
-    ``d^2 < d_1^2 + T (log M_b - log tol)`` (at most ``k`` of them; see
-    :mod:`diffcp.search.grid`). Elsewhere, the exact ``k`` nearest points, certified when
-    ``(M_b - k) exp(-(d_k^2 - d_1^2) / T) <= tol``. ``K`` is the number of slots actually used.
-    """
-    B, N, _ = q.shape
-    if q.device.type == "cpu" and _grid.AVAILABLE:
-        k = min(k, p.shape[1])
-        temps = t.detach().reshape(B).to(torch.float64).numpy()
-        index, count, certified = BatchGrid(p, lengths).soft_candidates(
-            q, torch.full((B,), N, dtype=torch.int64), k, temps, tol)
-        K = max(int(count.max()), 1)
-        slots = torch.arange(K)[None, None, :] < count[..., None]
-        return index[..., :K], slots, certified
+def _knn_candidates(q: Tensor, p: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float):
+    """The exact ``k`` nearest points as candidates ``(B, N, k)`` and the certified rows ``(B, N)``:
+    certified when ``(M_b - k) exp(-(d_k^2 - d_1^2) / T) <= tol`` (``k`` capped at the smallest
+    valid cloud length)."""
     k = min(k, int(lengths.min()))
     index = knn(q.detach(), p.detach(), points_lengths=lengths, k=k).indices  # (B, N, k)
     with torch.no_grad():
@@ -191,26 +178,72 @@ def _candidates(q: Tensor, p: Tensor, t: Tensor, lengths: Tensor, k: int, tol: f
         gap = (s[..., -1] - s[..., 0]) / t.detach()[:, :, 0]  # (d_k^2 - d_1^2) / T, (B, N)
         log_count = (lengths - k).to(s.dtype).log()[:, None]  # -inf where the k set is the cloud
         certified = (log_count - gap) <= math.log(tol)
-    return index, torch.ones_like(index, dtype=torch.bool), certified
+    return index, certified
+
+
+def _softmax_padded(q: Tensor, v: Tensor, t: Tensor, index: Tensor) -> Tensor:
+    """Softmax over the candidates ``index (B, N, K)`` of every row: ``(B, N, 3 + C)``."""
+    gv = gather_points(v, index)  # (B, N, K, 3 + C); its first 3 columns are the candidate points
+    diff = q[:, :, None, :] - gv[..., :3]
+    w = torch.softmax((diff * diff).sum(-1).div(-t), dim=-1)  # t (B, 1, 1)
+    return (w[..., None] * gv).sum(-2)
+
+
+def _softmax_flat(q: Tensor, v: Tensor, t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Softmax over a flat candidate list (query row ``rows[c]``, point row ``cols[c]``), with
+    segment sums (``index_add``) instead of padded slots: ``(B, N, 3 + C)``."""
+    B, N, _ = q.shape
+    width = v.shape[-1]
+    vc = v.reshape(-1, width).index_select(0, cols)  # (n_candidates, 3 + C)
+    diff = q.reshape(-1, 3).index_select(0, rows) - vc[:, :3]
+    sq = (diff * diff) @ torch.ones(3, 1, dtype=q.dtype, device=q.device)  # (n, 1): fast on a CPU
+    with torch.no_grad():  # a per-row shift (the nearest candidate) leaves the softmax unchanged
+        shift = torch.full((B * N,), float("inf"), dtype=q.dtype, device=q.device)
+        shift = shift.scatter_reduce(0, rows, sq[:, 0].detach(), "amin")
+    temp = t.reshape(B).repeat_interleave(N).index_select(0, rows)
+    e = torch.exp((shift.index_select(0, rows) - sq[:, 0]) / temp)
+    total = torch.zeros(B * N, dtype=q.dtype, device=q.device).index_add(0, rows, e)
+    w = e / total.index_select(0, rows)
+    out = torch.zeros(B * N, width, dtype=q.dtype, device=q.device).index_add(0, rows, w[:, None] * vc)
+    return out.reshape(B, N, width)
+
+
+_GRID_CACHE: list = []  # [(key, BatchGrid)]: the last grid, reused while its cloud is unchanged
+
+
+def _grid_for(points: Tensor, lengths: Tensor) -> BatchGrid:
+    """The grid over ``points``, reused across calls on the same, unmodified tensor (ICP's target
+    at every iteration): the key is the storage, version, shape and lengths."""
+    key = (points.data_ptr(), points._version, tuple(points.shape), points.dtype, tuple(lengths.tolist()))
+    if _GRID_CACHE and _GRID_CACHE[0][0] == key:
+        return _GRID_CACHE[0][1]
+    grid = BatchGrid(points, lengths)
+    _GRID_CACHE[:] = [(key, grid)]
+    return grid
 
 
 def _truncated(
-    q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float
+    q: Tensor, p: Tensor, v: Tensor, valid: Tensor, t: Tensor, lengths: Tensor, k: int, tol: float,
+    query: Tensor, points: Tensor,
 ) -> Tensor:
     """Softmax over certified candidates, row by row; uncertified rows exactly by attention.
+    ``q, p`` are the centred ``query, points`` (the grid searches the original coordinates).
     Sets :data:`LAST_TRUNCATION_CERTIFIED` and :data:`LAST_CERTIFIED_FRACTION`."""
     global LAST_TRUNCATION_CERTIFIED, LAST_CERTIFIED_FRACTION
-    index, slots, certified = _candidates(q, p, t, lengths, k, tol)
+    B, N, _ = q.shape
+    grid = q.device.type == "cpu" and _grid.AVAILABLE
+    if grid:
+        temps = t.detach().reshape(B).to(torch.float64).numpy()
+        rows, cols, certified = _grid_for(points, lengths).soft_candidates(
+            query, torch.full((B,), N, dtype=torch.int64), min(k, p.shape[1]), temps, tol)
+    else:
+        index, certified = _knn_candidates(q, p, t, lengths, k, tol)
     fraction = float(certified.sum()) / certified.numel()
     LAST_TRUNCATION_CERTIFIED = fraction == 1.0
     LAST_CERTIFIED_FRACTION = fraction
     if fraction < _MIN_CERTIFIED_FRACTION:
         return _attention(q, p, v, valid, t)
-    gv = gather_points(v, index)  # (B, N, K, 3 + C); its first 3 columns are the candidate points
-    diff = q[:, :, None, :] - gv[..., :3]
-    logits = (diff * diff).sum(-1).div(-t).masked_fill(~slots, float("-inf"))  # t (B, 1, 1)
-    w = torch.softmax(logits, dim=-1)
-    out = (w[..., None] * gv).sum(-2)
+    out = _softmax_flat(q, v, t, rows, cols) if grid else _softmax_padded(q, v, t, index)
     if fraction < 1.0:
         rows, used = _rows_to_front(~certified)
         exact = _attention(q.gather(1, rows[..., None].expand(-1, -1, 3)), p, v, valid, t)
@@ -310,7 +343,7 @@ def soft_nearest(
             backend = "attention" if N * M > ATTENTION_MIN_PAIRS else "dense"
     if backend == "truncated":
         tol = truncation_tolerance if truncation_tolerance is not None else torch.finfo(points.dtype).eps
-        out = _truncated(q, p, v, valid, t, lengths, k, float(tol))
+        out = _truncated(q, p, v, valid, t, lengths, k, float(tol), query, points)
     else:
         out = (_attention if backend == "attention" else _dense)(q, p, v, valid, t)
     matched = out[..., :3] + centre
