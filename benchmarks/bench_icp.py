@@ -344,8 +344,10 @@ def worker(method: str, B: int, N: int, device_name: str, repeats: int) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(device_name if not method.startswith("open3d") else "cpu")
-    # warm-up on a small problem: imports, lazy initialisation, kernels
-    ws, wt, wn, _, wtemp = make_problem(min(B, 2), 256, seed=SEED + 1)
+    # warm-up on a small problem (large enough to take the same code paths as the timed one:
+    # 2 x 1024 x 1024 pairs are above diffcp's brute-force threshold): imports, lazy
+    # initialisation, compiled kernels
+    ws, wt, wn, _, wtemp = make_problem(min(B, 2), min(N, 1024), seed=SEED + 1)
     run_method(method, ws, wt, wn, wtemp, device)
     src, tgt, nrm, T_gt, temperature = make_problem(B, N)
     gc.collect()
@@ -374,6 +376,7 @@ def worker(method: str, B: int, N: int, device_name: str, repeats: int) -> dict:
     return {
         "time_s": statistics.median(times),
         "runs": len(times),
+        "times_s": [round(t, 4) for t in times],
         "peak_mem_mb": None if mem_mb is None else round(max(mem_mb, 0.0), 1),
         "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "RSS high-water mark - RSS before",
         "rot_err_deg_median": float(np.median(err)),

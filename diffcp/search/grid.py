@@ -141,6 +141,12 @@ def _gap2(x, lo, h, slack):
 # Query rows per parallel task.
 _CHUNK = 256
 
+# Empty arrays standing for "no warm start", "hard search" (no temperature) and "no graph".
+_NO_WARM_I = np.zeros((0, 0), dtype=np.int64)
+_NO_WARM_D = np.zeros((0, 0))
+_NO_TEMPERATURE = np.zeros(0)
+_NO_GRAPH = np.zeros((0, 0, 0), dtype=np.int64)
+
 
 @_njit()
 def _search_rows(rows, queries, query_lengths, point_lengths, origin, edge, dims, cell_offset, cell_start,
@@ -291,6 +297,38 @@ def _query(rows, queries, query_lengths, point_lengths, origin, edge, dims, cell
                      pts, local, k, temperature, log_tol, warm_i, warm_d, idx, counts, certified)
 
 
+@_njit(inline="always")
+def _certify_one(q0, q1, q2, b, j, points, graph, radius):
+    """Warm-start certificate of one query from the guess ``j`` (see :func:`_warm_certify`):
+    returns ``(index, squared distance, certified)``."""
+    K = graph.shape[2]
+    dj = (points[b, j, 0] - q0) ** 2 + (points[b, j, 1] - q1) ** 2 + (points[b, j, 2] - q2) ** 2
+    ok = False
+    for _ in range(3):
+        bj = j
+        bd = dj
+        for s in range(K):
+            m = graph[b, j, s]
+            d = (points[b, m, 0] - q0) ** 2 + (points[b, m, 1] - q1) ** 2 + (points[b, m, 2] - q2) ** 2
+            if d < bd:
+                bd = d
+                bj = m
+        rj = radius[b, j]
+        if rj == np.inf:  # the neighbourhood is the whole cloud
+            ok = True
+        else:
+            big = max(max(abs(q0), abs(q1)), abs(q2))
+            big = max(big, max(max(abs(points[b, j, 0]), abs(points[b, j, 1])), abs(points[b, j, 2])))
+            slack = _ULPS * (big + rj) + _MARGIN * rj
+            ok = math.sqrt(bd) + math.sqrt(dj) + 3 * slack < rj
+        moved = bj != j
+        j = bj
+        dj = bd
+        if ok or not moved:
+            break
+    return j, dj, ok
+
+
 @_njit(parallel=True)
 def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, best_d2, certified):
     """Nearest neighbours certified from a guess per query (ICP: the previous iteration's answer).
@@ -302,7 +340,6 @@ def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, b
     whether it is certified; uncertified rows go to the grid search, seeded with it.
     """
     B, N = queries.shape[0], queries.shape[1]
-    K = graph.shape[2]
     rows = B * N
     tasks = (rows + _CHUNK - 1) // _CHUNK
     for task in numba.prange(tasks):
@@ -311,57 +348,61 @@ def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, b
             n = row - b * N
             if n >= query_lengths[b]:
                 continue
-            q0, q1, q2 = queries[b, n, 0], queries[b, n, 1], queries[b, n, 2]
-            j = warm[b, n]
-            dj = (points[b, j, 0] - q0) ** 2 + (points[b, j, 1] - q1) ** 2 + (points[b, j, 2] - q2) ** 2
-            ok = False
-            for _ in range(3):
-                bj = j
-                bd = dj
-                for s in range(K):
-                    m = graph[b, j, s]
-                    d = (points[b, m, 0] - q0) ** 2 + (points[b, m, 1] - q1) ** 2 + (points[b, m, 2] - q2) ** 2
-                    if d < bd:
-                        bd = d
-                        bj = m
-                rj = radius[b, j]
-                if rj == np.inf:  # the neighbourhood is the whole cloud
-                    ok = True
-                else:
-                    big = max(max(abs(q0), abs(q1)), abs(q2))
-                    big = max(big, max(max(abs(points[b, j, 0]), abs(points[b, j, 1])), abs(points[b, j, 2])))
-                    slack = _ULPS * (big + rj) + _MARGIN * rj
-                    ok = math.sqrt(bd) + math.sqrt(dj) + 3 * slack < rj
-                moved = bj != j
-                j = bj
-                dj = bd
-                if ok or not moved:
-                    break
+            j, dj, ok = _certify_one(queries[b, n, 0], queries[b, n, 1], queries[b, n, 2], b, warm[b, n], points,
+                                     graph, radius)
             best_j[b, n, 0] = j
             best_d2[b, n] = dj
             certified[b, n] = ok
 
 
 @_njit(parallel=True)
-def _transform_rows(source, rotation, translation, query_lengths, out):
-    """``out = R_b x + t_b`` for every valid row of ``source (B, N, 3)``."""
+def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, warm, points,
+                          graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local, source_ref,
+                          target_ref, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified, partial,
+                          certified_rows):
+    """One hard-NN point-to-point ICP pass in one parallel region, chunk by chunk of each cloud:
+    move the source (``moved = R x + t``), find every exact nearest neighbour (certified from
+    ``warm`` when given, else, and where that fails, by the grid search) into ``idx``, and add the
+    pairs to the chunk's weighted moments ``partial[b, chunk]`` (``[sum w, sum w x', sum w q', sum w q' x'^T`` row-major, ``sum w |y - q|^2]``, 17 values, with
+    ``x' = x - source_ref[b]`` and ``q' = q - target_ref[b]``).
+    ``certified_rows[b, chunk]`` counts the rows the warm start certified."""
     B, N = source.shape[0], source.shape[1]
-    for b in numba.prange(B):
-        for n in range(query_lengths[b]):
+    chunks = (N + _CHUNK - 1) // _CHUNK
+    has_warm = warm.shape[0] > 0
+    for task in numba.prange(B * chunks):
+        b = task // chunks
+        start = (task - b * chunks) * _CHUNK
+        stop = min(query_lengths[b], start + _CHUNK)
+        rest = np.empty(_CHUNK, dtype=np.int64)
+        n_rest = 0
+        hits = 0
+        for n in range(start, stop):
             for i in range(3):
-                out[b, n, i] = (rotation[b, i, 0] * source[b, n, 0] + rotation[b, i, 1] * source[b, n, 1]
-                                + rotation[b, i, 2] * source[b, n, 2] + translation[b, i])
-
-
-@_njit(parallel=True)
-def _moments(source, moved, idx, weights, query_lengths, points, source_ref, target_ref, out):
-    """Per-cloud weighted moments of the pairs ``x_n -> p_idx[n]`` (points shifted by a reference):
-    ``out[b] = [sum w, sum w x', sum w q', sum w q' x'^T (row-major), sum w |y - q|^2]`` (17 values),
-    ``x' = x - source_ref[b]``, ``q' = q - target_ref[b]``, ``y`` the moved source point."""
-    B = source.shape[0]
-    for b in numba.prange(B):
+                moved[b, n, i] = (rotation[b, i, 0] * source[b, n, 0] + rotation[b, i, 1] * source[b, n, 1]
+                                  + rotation[b, i, 2] * source[b, n, 2] + translation[b, i])
+            if has_warm:
+                j, dj, ok = _certify_one(moved[b, n, 0], moved[b, n, 1], moved[b, n, 2], b, warm[b, n], points,
+                                         graph, radius)
+                if ok:
+                    idx[b, n, 0] = j
+                    hits += 1
+                    continue
+                seed_i[b, n] = j
+                seed_d[b, n] = dj
+            rest[n_rest] = b * N + n
+            n_rest += 1
+        if n_rest > 0:
+            if has_warm:
+                _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
+                             cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, seed_i, seed_d, idx, scratch_counts,
+                             scratch_certified)
+            else:
+                _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
+                             cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, _NO_WARM_I, _NO_WARM_D, idx,
+                             scratch_counts, scratch_certified)
+        certified_rows[b, task - b * chunks] = hits
         acc = np.zeros(17)
-        for n in range(query_lengths[b]):
+        for n in range(start, stop):
             w = weights[b, n]
             if w == 0.0:
                 continue
@@ -392,12 +433,9 @@ def _moments(source, moved, idx, weights, query_lengths, points, source_ref, tar
             e1 = moved[b, n, 1] - points[b, j, 1]
             e2 = moved[b, n, 2] - points[b, j, 2]
             acc[16] += w * (e0 * e0 + e1 * e1 + e2 * e2)
-        out[b] = acc
+        partial[b, task - b * chunks] = acc
 
 
-_NO_WARM_I = np.zeros((0, 0), dtype=np.int64)
-_NO_WARM_D = np.zeros((0, 0))
-_NO_TEMPERATURE = np.zeros(0)
 
 
 @_njit(parallel=True)
@@ -526,28 +564,41 @@ class BatchGrid:
         """One fused hard-NN point-to-point ICP pass (no autograd): move ``source`` by
         ``transform (B, 4, 4)``, match every point to its exact nearest neighbour (warm-started
         from ``warm``, ``(B, N)`` int64 numpy or None) and accumulate the weighted moments that
-        Procrustes needs. Returns ``(moments (B, 17) float64 numpy, indices (B, N) int64 numpy,
-        target reference (B, 3))``; see :func:`_moments` for the layout."""
+        Procrustes needs, in one parallel region. Returns ``(moments (B, 17) float64 numpy,
+        indices (B, N) int64 numpy, source reference (B, 3), target reference (B, 3))``; see
+        :func:`_fused_point_to_point` for the layout."""
         B, N, _ = source.shape
         key = (source.data_ptr(), source._version, tuple(source.shape), source_lengths.data_ptr(),
                weights.data_ptr(), weights._version)
         if self._source_cache is None or self._source_cache[0] != key:
-            # host copies of what stays fixed over an ICP run (the source, its weights, a reference)
+            # host copies of what stays fixed over an ICP run, and the buffers the pass writes
             ql = source_lengths.detach().cpu().numpy().astype(np.int64)
             x = _host(source)
             valid = (np.arange(N)[None, :] < ql[:, None])[..., None]
             source_ref = (x * valid).sum(1) / np.maximum(ql, 1)[:, None]
-            self._source_cache = (key, ql, x, _host(weights), source_ref, np.zeros((B, N, 3)))
-        _, ql, x, w, source_ref, moved = self._source_cache
-        T = _host(transform)
-        _transform_rows(x, np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3]), ql, moved)
-        idx = self._nearest_host(moved, ql, warm, neighbors)
+            chunks = (N + _CHUNK - 1) // _CHUNK
+            buffers = dict(moved=np.zeros((B, N, 3)), seed_i=np.zeros((B, N), dtype=np.int64),
+                           seed_d=np.zeros((B, N)), counts=np.zeros((B, N), dtype=np.int64),
+                           certified=np.ones((B, N), dtype=bool), partial=np.zeros((B, chunks, 17)),
+                           hits=np.zeros((B, chunks), dtype=np.int64))
+            self._source_cache = (key, ql, x, _host(weights), source_ref, buffers)
+        _, ql, x, w, source_ref, buf = self._source_cache
         if self._reference is None:
             valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
             self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]
-        out = np.zeros((B, 17))
-        _moments(x, moved, idx, w, ql, self._points, source_ref, self._reference, out)
-        return out, idx[..., 0], source_ref, self._reference
+        if warm is not None and self._graph is None:
+            self._build_graph(neighbors)
+        T = _host(transform)
+        idx = np.zeros((B, N, 1), dtype=np.int64)
+        graph = self._graph if warm is not None else _NO_GRAPH
+        radius = self._radius if warm is not None else _NO_WARM_D
+        _fused_point_to_point(x, np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3]), w, ql,
+                              self.lengths, warm if warm is not None else _NO_WARM_I, self._points, graph, radius,
+                              *self._grid, source_ref, self._reference, buf["moved"], idx, buf["seed_i"],
+                              buf["seed_d"], buf["counts"], buf["certified"], buf["partial"], buf["hits"])
+        if warm is not None:
+            self.certified_fraction = float(buf["hits"].sum()) / max(int(ql.sum()), 1)
+        return buf["partial"].sum(1), idx[..., 0], source_ref, self._reference
 
     def soft_candidates(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray,
                         tolerance: float):

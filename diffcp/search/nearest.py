@@ -144,7 +144,7 @@ class NearestNeighborIndex:
         """Fused CPU pass of hard-NN point-to-point ICP (grid backend, no autograd): the weighted
         moments of the pairs (moved source point, its exact nearest neighbour), warm-started like
         :meth:`query`. Returns ``(moments (B, 17), source reference (B, 3), target reference (B, 3))``
-        as float64 numpy arrays (layout in :func:`diffcp.search.grid._moments`)."""
+        as float64 numpy arrays (layout in :func:`diffcp.search.grid._fused_point_to_point`)."""
         if self._grid is None:
             self._grid = BatchGrid(self.points, self.lengths)
         B, N, _ = source.shape
