@@ -96,7 +96,12 @@ def provenance(command: Optional[Union[str, Sequence[str]]] = None, started: Opt
         gpu = torch.cuda.get_device_name(0)
     ram = _ram_bytes()
     record: Dict[str, Any] = {
-        "git": {"commit": commit, "dirty": (bool(status) if status is not None else None)},
+        "git": {
+            "commit": commit,
+            "dirty": (bool(status) if status is not None else None),
+            # which tracked files differed from the commit (a changed chapter is not a changed library)
+            "dirty_paths": [line.split(None, 1)[-1] for line in status.splitlines()][:50] if status else [],
+        },
         "machine": {
             "cpu": _cpu_model(),
             "cores": _cpu_count(),

@@ -23,7 +23,12 @@ def _git(*args):
 def test_record_matches_independent_sources():
     rec = provenance()
     assert rec["git"]["commit"] == _git("rev-parse", "HEAD")
-    assert rec["git"]["dirty"] == bool(_git("status", "--porcelain", "--untracked-files=no"))
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    assert rec["git"]["dirty"] == bool(status)
+    # the changed tracked files are named (a changed chapter is not a changed library)
+    expected = [line.split(None, 1)[-1] for line in status.splitlines()][:50] if status else []
+    assert rec["git"]["dirty_paths"] == expected
+    assert not any(p.startswith((" ", "M ", "?")) for p in rec["git"]["dirty_paths"])
     m = rec["machine"]
     assert m["cores"] == len(os.sched_getaffinity(0))
     with open("/proc/cpuinfo") as f:
