@@ -166,7 +166,7 @@ def test_parity_with_open3d(shape, kind):
     est = reg.TransformationEstimationPointToPoint() if kind == "point_to_point" else reg.TransformationEstimationPointToPlane()
     crit = reg.ICPConvergenceCriteria(relative_fitness=0.0, relative_rmse=0.0, max_iteration=iters)
     res = reg.registration_icp(_o3d_cloud(src), _o3d_cloud(tgt, tgt_n), 10.0, np.eye(4), est, crit)
-    T_o3d = torch.as_tensor(np.asarray(res.transformation))
+    T_o3d = torch.as_tensor(np.array(res.transformation))  # a writable copy
     solver = "procrustes" if kind == "point_to_point" else "linear"
     out = diffcp.icp(src, tgt, target_normals=tgt_n, metric=kind, solver=solver, max_iterations=iters, tolerance=0)
     assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-3  # degrees

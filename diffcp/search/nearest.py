@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
-
-import numpy as np
 
 from .. import checks
 from . import grid as _grid
