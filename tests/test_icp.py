@@ -567,3 +567,20 @@ def test_auto_backends_pick_the_grid_and_the_certified_truncation_on_a_cpu():
     diffcp.soft_correspondences(src, tgt, 1e-3, target_normals=normals, source_lengths=lengths,
                                 target_lengths=tlen)
     assert soft_module.LAST_CERTIFIED_FRACTION is not None  # "auto" took the truncated backend
+
+
+def test_fused_pass_never_reuses_host_copies_of_another_source():
+    g = torch.Generator().manual_seed(22)
+    target = torch.rand(2, 500, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([500, 500])
+    weights = torch.ones(2, 400, dtype=torch.float64)
+    T = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    buffer = torch.rand(2, 400, 3, generator=g, dtype=torch.float64).numpy()
+    index = diffcp.NearestNeighborIndex(target, backend="grid")
+    first, _, _ = index.point_to_point_moments(torch.from_numpy(buffer), T, weights, torch.tensor([400, 400]))
+    buffer[:] = buffer[:, ::-1] * 0.5  # new values in the same memory
+    second, _, _ = index.point_to_point_moments(torch.from_numpy(buffer), T, weights, torch.tensor([400, 400]))
+    fresh, _, _ = diffcp.NearestNeighborIndex(target, backend="grid").point_to_point_moments(
+        torch.from_numpy(buffer.copy()), T, weights, torch.tensor([400, 400]))
+    np.testing.assert_allclose(second, fresh, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(first, second)

@@ -336,3 +336,19 @@ def test_truncated_bad_arguments():
             soft_nearest(q, p, 0.01, backend="truncated", truncation_tolerance=tol)
     with pytest.raises(TypeError, match="truncation_tolerance"):
         soft_nearest(q, p, 0.01, backend="truncated", truncation_tolerance="small")
+
+
+def test_truncation_never_reuses_a_grid_built_for_other_points():
+    # A new tensor can live in the memory of an old one, with the same shape and version (here: two
+    # tensors over one NumPy buffer): the cached grid must not be taken for the new points.
+    g = torch.Generator().manual_seed(16)
+    buffer = torch.rand(2, 400, 3, generator=g, dtype=torch.float64).numpy()
+    q = torch.rand(2, 300, 3, generator=g, dtype=torch.float64)
+    first = torch.from_numpy(buffer)
+    soft_nearest(q, first, 1e-3, backend="truncated")
+    buffer[:] = torch.rand(2, 400, 3, generator=g, dtype=torch.float64).numpy()
+    second = torch.from_numpy(buffer)
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    out = soft_nearest(q, second, 1e-3, backend="truncated").points
+    ref = soft_nearest(q, second, 1e-3, backend="dense").points
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -568,9 +569,12 @@ class BatchGrid:
         indices (B, N) int64 numpy, source reference (B, 3), target reference (B, 3))``; see
         :func:`_fused_point_to_point` for the layout."""
         B, N, _ = source.shape
-        key = (source.data_ptr(), source._version, tuple(source.shape), source_lengths.data_ptr(),
-               weights.data_ptr(), weights._version)
-        if self._source_cache is None or self._source_cache[0] != key:
+        # the same tensor objects (held weakly: a new tensor in the memory of a freed one is a
+        # different source), unmodified
+        key = (source._version, weights._version, tuple(source.shape))
+        cache = self._source_cache
+        if (cache is None or cache[0] != key or cache[6]() is not source or cache[7]() is not weights
+                or cache[8]() is not source_lengths):
             # host copies of what stays fixed over an ICP run, and the buffers the pass writes
             ql = source_lengths.detach().cpu().numpy().astype(np.int64)
             x = _host(source)
@@ -581,8 +585,9 @@ class BatchGrid:
                            seed_d=np.zeros((B, N)), counts=np.zeros((B, N), dtype=np.int64),
                            certified=np.ones((B, N), dtype=bool), partial=np.zeros((B, chunks, 17)),
                            hits=np.zeros((B, chunks), dtype=np.int64))
-            self._source_cache = (key, ql, x, _host(weights), source_ref, buffers)
-        _, ql, x, w, source_ref, buf = self._source_cache
+            self._source_cache = (key, ql, x, _host(weights), source_ref, buffers, weakref.ref(source),
+                                  weakref.ref(weights), weakref.ref(source_lengths))
+        _, ql, x, w, source_ref, buf = self._source_cache[:6]
         if self._reference is None:
             valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
             self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]

@@ -59,6 +59,7 @@ Three backends compute the same thing:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -208,17 +209,20 @@ def _softmax_flat(q: Tensor, v: Tensor, t: Tensor, rows: Tensor, cols: Tensor) -
     return out.reshape(B, N, width)
 
 
-_GRID_CACHE: list = []  # [(key, BatchGrid)]: the last grid, reused while its cloud is unchanged
+_GRID_CACHE: list = []  # [(tensor weakref, key, BatchGrid)]: the last grid, reused while its cloud is unchanged
 
 
 def _grid_for(points: Tensor, lengths: Tensor) -> BatchGrid:
     """The grid over ``points``, reused across calls on the same, unmodified tensor (ICP's target
-    at every iteration): the key is the storage, version, shape and lengths."""
-    key = (points.data_ptr(), points._version, tuple(points.shape), points.dtype, tuple(lengths.tolist()))
-    if _GRID_CACHE and _GRID_CACHE[0][0] == key:
-        return _GRID_CACHE[0][1]
+    at every iteration): the same tensor object (held weakly, so a new tensor that happens to
+    reuse the memory of a freed one is never mistaken for it), version, shape and lengths."""
+    key = (points._version, tuple(points.shape), points.dtype, tuple(lengths.tolist()))
+    if _GRID_CACHE:
+        ref, old_key, grid = _GRID_CACHE[0]
+        if ref() is points and old_key == key:
+            return grid
     grid = BatchGrid(points, lengths)
-    _GRID_CACHE[:] = [(key, grid)]
+    _GRID_CACHE[:] = [(weakref.ref(points), key, grid)]
     return grid
 
 
