@@ -50,6 +50,7 @@ from .geometry import (
     transform_points,
     twist_between,
 )
+from .fused import conditioning_point_to_point, run_point_to_point
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
 from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments
@@ -212,6 +213,12 @@ def _run(p: _Problem, T: Tensor, iterations: int, tolerance: float, scale: Tenso
     Elements whose update falls below the tolerance are frozen (they stop changing) when
     ``freeze`` is set; the loop stops once all are converged (one host sync per iteration).
     """
+    if freeze and p.fused and not (torch.is_grad_enabled() and (p.source.requires_grad or p.target.requires_grad
+                                                                 or T.requires_grad)):
+        out = run_point_to_point(p.index, p.source, p.source_weights, p.source_lengths, T, iterations,
+                                 tolerance, scale)
+        if out is not None:
+            return out
     B = T.shape[0]
     converged = torch.zeros(B, dtype=torch.bool, device=T.device)
     count = torch.zeros(B, dtype=torch.int64, device=T.device)
@@ -367,8 +374,9 @@ def icp(
         damping: relative Tikhonov damping of the linear solves.
         search_backend: ``"auto"``, ``"grid"``, ``"tree"`` or ``"matmul"`` for hard nearest
             neighbours (see :func:`diffcp.search.knn`). On a CPU with the grid, hard-NN
-            point-to-point Procrustes without weighting or rejection runs each iteration that
-            needs no gradient as one fused compiled pass (same result, float64 sums).
+            point-to-point Procrustes without weighting or rejection runs the iterations that
+            need no gradient as one compiled loop (:mod:`diffcp.fused`; same result, float64
+            sums), and each other such iteration as one fused compiled pass.
         soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (nearby
             candidates only, row by row where that is certified to the dtype's precision, the
             other rows exactly; see :func:`diffcp.search.soft_nearest`) for soft nearest
@@ -556,6 +564,10 @@ def _warn_if_ambiguous(p: _Problem, T: Tensor, scale: Tensor) -> None:
     point-to-plane on a single plane (it slides along the plane).
     """
     with torch.no_grad():
+        if p.fused and bool((p.source_weights.sum(1) > 0).all()):
+            cond = conditioning_point_to_point(p.index, p.source, T, p.source_weights, p.source_lengths)
+            _warn_ambiguous(cond < 1e-6)
+            return
         R, _ = split_transform(T)
         y = transform_points(T, p.source)
         match = _match(p, y)
@@ -570,16 +582,19 @@ def _warn_if_ambiguous(p: _Problem, T: Tensor, scale: Tensor) -> None:
             d = torch.cat([1 / scale[:, None].expand(-1, 3), torch.ones_like(scale)[:, None].expand(-1, 3)], 1)
             ev = torch.linalg.eigvalsh(A * d[:, :, None] * d[:, None, :])
             cond = ev[:, 0] / ev[:, -1].clamp_min(torch.finfo(T.dtype).tiny)
-        bad = cond < (1e-6 if p.solver == "procrustes" else 1e-9)
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()
-            warnings.warn(
-                f"ICP: the transform is ambiguous for batch elements {idx}: the matched points do not "
-                "determine it (collinear points, a single plane for point-to-plane, ...). The result is "
-                "one of several equally good transforms and its gradient is regularised.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _warn_ambiguous(cond < (1e-6 if p.solver == "procrustes" else 1e-9))
+
+
+def _warn_ambiguous(bad: Tensor) -> None:
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        warnings.warn(
+            f"ICP: the transform is ambiguous for batch elements {idx}: the matched points do not "
+            "determine it (collinear points, a single plane for point-to-plane, ...). The result is "
+            "one of several equally good transforms and its gradient is regularised.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _check_projective(depth, intrinsics, camera_pose, normal_map, B: int, unbatched: bool):

@@ -506,23 +506,24 @@ def test_fused_pass_equals_the_general_step(dtype, atol):
     kwargs = dict(source_lengths=lengths, target_lengths=tlen, max_iterations=12, tolerance=1e-7,
                   source_mask=mask)
     calls = []
-    original = icp_module._fused_step
+    original = icp_module.run_point_to_point
 
-    def spy(p, T):
-        calls.append(1)
-        return original(p, T)
+    def spy(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
 
-    icp_module._fused_step = spy
+    icp_module.run_point_to_point = spy
     try:
         with torch.no_grad():
             fused = diffcp.icp(src, tgt, search_backend="grid", **kwargs)
-        used = len(calls)
+        used = list(calls)
         with torch.no_grad():
             general = diffcp.icp(src, tgt, search_backend="tree", **kwargs)
-        assert len(calls) == used  # the tree backend never takes the fused pass
+        assert calls == used  # the tree backend never takes the fused loop
     finally:
-        icp_module._fused_step = original
-    assert used == int(fused.iterations.max())  # every iteration of the grid run was fused
+        icp_module.run_point_to_point = original
+    assert used == [True]  # the grid run was the compiled loop
     torch.testing.assert_close(fused.transform, general.transform, rtol=0, atol=atol)
     torch.testing.assert_close(fused.errors, general.errors, rtol=1e-4 if dtype == torch.float32 else 1e-9,
                                atol=atol)
@@ -537,8 +538,9 @@ def test_fused_pass_is_skipped_when_gradients_are_needed():
     src, tgt, lengths, tlen = _fused_problem(torch.float64)
     tgt = tgt.clone().requires_grad_(True)
     calls = []
-    original = icp_module._fused_step
-    icp_module._fused_step = lambda p, T: calls.append(1) or original(p, T)
+    original_step, original_loop = icp_module._fused_step, icp_module.run_point_to_point
+    icp_module._fused_step = lambda p, T: calls.append("step") or original_step(p, T)
+    icp_module.run_point_to_point = lambda *args: calls.append("loop") or original_loop(*args)
     try:
         out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
                          search_backend="grid")
@@ -549,11 +551,19 @@ def test_fused_pass_is_skipped_when_gradients_are_needed():
         tgt.grad = None
         out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
                          search_backend="grid", backward="implicit")
-        assert calls
+        assert calls == ["loop"]
+        out.translation.sum().backward()
+        assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
+        # truncated mode: the first iterations are the compiled loop, the last ones keep a graph
+        calls.clear()
+        tgt.grad = None
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=8,
+                         search_backend="grid", backward="truncated", truncate_iterations=3)
+        assert calls == ["loop"]
         out.translation.sum().backward()
         assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
     finally:
-        icp_module._fused_step = original
+        icp_module._fused_step, icp_module.run_point_to_point = original_step, original_loop
 
 
 def test_auto_backends_pick_the_grid_and_the_certified_truncation_on_a_cpu():

@@ -14,6 +14,10 @@ query to the nearest face of its own cell that has cells beyond it. So the searc
 as soon as the ``k``-th best squared distance found is at most that bound. Distances are computed
 in float64 and the bound carries a relative margin of ``1e-9`` cell edges against rounding.
 
+ICP's queries move little between iterations: :func:`_fused_point_to_point` certifies the previous
+answer from a precomputed neighbourhood, or keeps it unsearched when the query moved less than half
+its certified gap to the second-nearest point, before it falls back to the grid.
+
 The same scan also collects *certified soft candidates* (:func:`soft_candidates`): the nearest
 points kept in ``k`` slots until the softmax weight of every point not kept is provably below a
 tolerance (see :mod:`diffcp.search.soft`).
@@ -301,33 +305,49 @@ def _query(rows, queries, query_lengths, point_lengths, origin, edge, dims, cell
 @_njit(inline="always")
 def _certify_one(q0, q1, q2, b, j, points, graph, radius):
     """Warm-start certificate of one query from the guess ``j`` (see :func:`_warm_certify`):
-    returns ``(index, squared distance, certified)``."""
+    returns ``(index, squared distance, certified, gap)``. When certified, ``gap`` is a lower
+    bound, in distance units and less the rounding slack, of ``|q - p| - |q - p_index|`` over every
+    other point ``p`` (0 otherwise): the query may move by less than half of it and keep its
+    nearest neighbour."""
     K = graph.shape[2]
     dj = (points[b, j, 0] - q0) ** 2 + (points[b, j, 1] - q1) ** 2 + (points[b, j, 2] - q2) ** 2
     ok = False
+    gap = 0.0
     for _ in range(3):
         bj = j
         bd = dj
+        sd = np.inf  # second best of {j} and its neighbours
         for s in range(K):
             m = graph[b, j, s]
+            if m == j:
+                continue
             d = (points[b, m, 0] - q0) ** 2 + (points[b, m, 1] - q1) ** 2 + (points[b, m, 2] - q2) ** 2
             if d < bd:
+                sd = bd
                 bd = d
                 bj = m
+            elif d < sd:
+                sd = d
         rj = radius[b, j]
+        big = max(max(abs(q0), abs(q1)), abs(q2))
+        big = max(big, max(max(abs(points[b, j, 0]), abs(points[b, j, 1])), abs(points[b, j, 2])))
         if rj == np.inf:  # the neighbourhood is the whole cloud
             ok = True
+            slack = _ULPS * big
+            gap = math.sqrt(sd) - math.sqrt(bd) - 3 * slack
         else:
-            big = max(max(abs(q0), abs(q1)), abs(q2))
-            big = max(big, max(max(abs(points[b, j, 0]), abs(points[b, j, 1])), abs(points[b, j, 2])))
             slack = _ULPS * (big + rj) + _MARGIN * rj
             ok = math.sqrt(bd) + math.sqrt(dj) + 3 * slack < rj
+            # every point outside the neighbourhood is at least rj - |q - p_j| from q
+            gap = min(math.sqrt(sd), rj - math.sqrt(dj)) - math.sqrt(bd) - 3 * slack
         moved = bj != j
         j = bj
         dj = bd
         if ok or not moved:
             break
-    return j, dj, ok
+    if not ok or not gap > 0.0:
+        gap = 0.0
+    return j, dj, ok, gap
 
 
 @_njit(parallel=True)
@@ -349,43 +369,85 @@ def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, b
             n = row - b * N
             if n >= query_lengths[b]:
                 continue
-            j, dj, ok = _certify_one(queries[b, n, 0], queries[b, n, 1], queries[b, n, 2], b, warm[b, n], points,
-                                     graph, radius)
+            j, dj, ok, _ = _certify_one(queries[b, n, 0], queries[b, n, 1], queries[b, n, 2], b, warm[b, n],
+                                        points, graph, radius)
             best_j[b, n, 0] = j
             best_d2[b, n] = dj
             certified[b, n] = ok
 
 
 @_njit(parallel=True)
-def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, warm, points,
-                          graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local, source_ref,
-                          target_ref, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified, partial,
-                          certified_rows):
-    """One hard-NN point-to-point ICP pass in one parallel region, chunk by chunk of each cloud:
-    move the source (``moved = R x + t``), find every exact nearest neighbour (certified from
-    ``warm`` when given, else, and where that fails, by the grid search) into ``idx``, and add the
-    pairs to the chunk's weighted moments ``partial[b, chunk]`` (``[sum w, sum w x', sum w q', sum w q' x'^T`` row-major, ``sum w |y - q|^2]``, 17 values, with
-    ``x' = x - source_ref[b]`` and ``q' = q - target_ref[b]``).
-    ``certified_rows[b, chunk]`` counts the rows the warm start certified."""
+def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, active, warm, gaps,
+                          use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local,
+                          source_ref, target_ref, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified,
+                          partial, certified_rows, kept_rows):
+    """One hard-NN point-to-point ICP pass in one parallel region, chunk by chunk of each active
+    cloud (``active (B,)`` bool): move the source (``moved = R x + t``), find every exact nearest
+    neighbour into ``idx`` and add the pairs to the chunk's weighted moments ``partial[b, chunk]``
+    (``[sum w, sum w x', sum w q', sum w q' x'^T`` row-major, ``sum w |y - q|^2]``, 17 values,
+    with ``x' = x - source_ref[b]`` and ``q' = q - target_ref[b]``).
+
+    Nearest neighbours, cheapest first:
+
+    1. *kept*: with ``use_gaps``, ``moved`` holds each query's previous position, ``warm`` its
+       exact nearest neighbour there and ``gaps`` a lower bound of how much farther every other
+       point was. A query that moved by ``delta`` with ``2 delta < gap`` keeps its neighbour (its
+       distance grew by at most ``delta``, every other one shrank by at most ``delta``), and its
+       gap shrinks by ``2 delta``;
+    2. *certified* from ``warm`` and its precomputed neighbours (:func:`_certify_one`), which
+       also gives a fresh gap;
+    3. else the grid search (seeded by step 2), and the gap is 0.
+
+    ``certified_rows[b, chunk]`` counts the rows settled by steps 1 and 2, ``kept_rows[b, chunk]``
+    those of step 1. The answer never
+    depends on ``warm``; only the time does.
+    """
     B, N = source.shape[0], source.shape[1]
     chunks = (N + _CHUNK - 1) // _CHUNK
     has_warm = warm.shape[0] > 0
     for task in numba.prange(B * chunks):
         b = task // chunks
+        if not active[b]:
+            continue
         start = (task - b * chunks) * _CHUNK
         stop = min(query_lengths[b], start + _CHUNK)
         rest = np.empty(_CHUNK, dtype=np.int64)
         n_rest = 0
         hits = 0
+        kept = 0
         for n in range(start, stop):
-            for i in range(3):
-                moved[b, n, i] = (rotation[b, i, 0] * source[b, n, 0] + rotation[b, i, 1] * source[b, n, 1]
-                                  + rotation[b, i, 2] * source[b, n, 2] + translation[b, i])
+            y0 = (rotation[b, 0, 0] * source[b, n, 0] + rotation[b, 0, 1] * source[b, n, 1]
+                  + rotation[b, 0, 2] * source[b, n, 2] + translation[b, 0])
+            y1 = (rotation[b, 1, 0] * source[b, n, 0] + rotation[b, 1, 1] * source[b, n, 1]
+                  + rotation[b, 1, 2] * source[b, n, 2] + translation[b, 1])
+            y2 = (rotation[b, 2, 0] * source[b, n, 0] + rotation[b, 2, 1] * source[b, n, 1]
+                  + rotation[b, 2, 2] * source[b, n, 2] + translation[b, 2])
+            if use_gaps:
+                g = gaps[b, n]
+                if g > 0.0:
+                    e0 = y0 - moved[b, n, 0]
+                    e1 = y1 - moved[b, n, 1]
+                    e2 = y2 - moved[b, n, 2]
+                    big = max(max(abs(y0), abs(y1)), abs(y2))
+                    g -= 2.0 * math.sqrt(e0 * e0 + e1 * e1 + e2 * e2) + 3 * _ULPS * big
+                    if g > 0.0:
+                        gaps[b, n] = g
+                        moved[b, n, 0] = y0
+                        moved[b, n, 1] = y1
+                        moved[b, n, 2] = y2
+                        idx[b, n, 0] = warm[b, n]
+                        hits += 1
+                        kept += 1
+                        continue
+            moved[b, n, 0] = y0
+            moved[b, n, 1] = y1
+            moved[b, n, 2] = y2
+            gaps[b, n] = 0.0
             if has_warm:
-                j, dj, ok = _certify_one(moved[b, n, 0], moved[b, n, 1], moved[b, n, 2], b, warm[b, n], points,
-                                         graph, radius)
+                j, dj, ok, gap = _certify_one(y0, y1, y2, b, warm[b, n], points, graph, radius)
                 if ok:
                     idx[b, n, 0] = j
+                    gaps[b, n] = gap
                     hits += 1
                     continue
                 seed_i[b, n] = j
@@ -402,41 +464,48 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
                              cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, _NO_WARM_I, _NO_WARM_D, idx,
                              scratch_counts, scratch_certified)
         certified_rows[b, task - b * chunks] = hits
-        acc = np.zeros(17)
+        kept_rows[b, task - b * chunks] = kept
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = a16 = 0.0
+        s0, s1, s2 = source_ref[b, 0], source_ref[b, 1], source_ref[b, 2]
+        r0, r1, r2 = target_ref[b, 0], target_ref[b, 1], target_ref[b, 2]
         for n in range(start, stop):
             w = weights[b, n]
             if w == 0.0:
                 continue
             j = idx[b, n, 0]
-            x0 = source[b, n, 0] - source_ref[b, 0]
-            x1 = source[b, n, 1] - source_ref[b, 1]
-            x2 = source[b, n, 2] - source_ref[b, 2]
-            q0 = points[b, j, 0] - target_ref[b, 0]
-            q1 = points[b, j, 1] - target_ref[b, 1]
-            q2 = points[b, j, 2] - target_ref[b, 2]
-            acc[0] += w
-            acc[1] += w * x0
-            acc[2] += w * x1
-            acc[3] += w * x2
-            acc[4] += w * q0
-            acc[5] += w * q1
-            acc[6] += w * q2
-            acc[7] += w * q0 * x0
-            acc[8] += w * q0 * x1
-            acc[9] += w * q0 * x2
-            acc[10] += w * q1 * x0
-            acc[11] += w * q1 * x1
-            acc[12] += w * q1 * x2
-            acc[13] += w * q2 * x0
-            acc[14] += w * q2 * x1
-            acc[15] += w * q2 * x2
+            x0 = source[b, n, 0] - s0
+            x1 = source[b, n, 1] - s1
+            x2 = source[b, n, 2] - s2
+            q0 = points[b, j, 0] - r0
+            q1 = points[b, j, 1] - r1
+            q2 = points[b, j, 2] - r2
+            a0 += w
+            a1 += w * x0
+            a2 += w * x1
+            a3 += w * x2
+            a4 += w * q0
+            a5 += w * q1
+            a6 += w * q2
+            wq0 = w * q0
+            wq1 = w * q1
+            wq2 = w * q2
+            a7 += wq0 * x0
+            a8 += wq0 * x1
+            a9 += wq0 * x2
+            a10 += wq1 * x0
+            a11 += wq1 * x1
+            a12 += wq1 * x2
+            a13 += wq2 * x0
+            a14 += wq2 * x1
+            a15 += wq2 * x2
             e0 = moved[b, n, 0] - points[b, j, 0]
             e1 = moved[b, n, 1] - points[b, j, 1]
             e2 = moved[b, n, 2] - points[b, j, 2]
-            acc[16] += w * (e0 * e0 + e1 * e1 + e2 * e2)
-        partial[b, task - b * chunks] = acc
-
-
+            a16 += w * (e0 * e0 + e1 * e1 + e2 * e2)
+        out = partial[b, task - b * chunks]
+        out[0], out[1], out[2], out[3], out[4], out[5] = a0, a1, a2, a3, a4, a5
+        out[6], out[7], out[8], out[9], out[10], out[11] = a6, a7, a8, a9, a10, a11
+        out[12], out[13], out[14], out[15], out[16] = a12, a13, a14, a15, a16
 
 
 @_njit(parallel=True)
@@ -494,24 +563,27 @@ class BatchGrid:
         starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self._grid = _build(flat, starts, _CELL_SCALE)
         self._points = _host(points)
-        self._graph = None
-        self._radius = None
+        self._graph = None  # (B, M, K) each point's K nearest (itself included)
+        self._radius = None  # (B, M) the distance they cover
         self._reference = None  # (B, 3) centroid of each cloud's valid points
         self._source_cache = None  # host copies for point_to_point_moments
         self._soft_seed = None  # (B, N) nearest indices of the last soft_candidates call
         self.certified_fraction = None  # of the last warm query (diagnostics)
+        self.kept_fraction = None  # of the last fused pass: rows that kept their neighbour unsearched
 
     def _build_graph(self, neighbors: int) -> None:
         """Each point's ``neighbors`` nearest (itself included) and the radius they cover."""
         B, M, _ = self._points.shape
         kk = int(min(neighbors, self.lengths.min()))
-        full = torch.from_numpy(self.lengths)
-        graph = self.query(torch.from_numpy(self._points), full, kk).cpu().numpy()
+        graph = np.zeros((B, M, kk), dtype=np.int64)
+        _query(np.flatnonzero(np.arange(M)[None, :] < self.lengths[:, None]), self._points, self.lengths,
+               self.lengths, *self._grid, kk, _NO_TEMPERATURE, 0.0, _NO_WARM_I, _NO_WARM_D, graph,
+               np.zeros((B, M), dtype=np.int64), np.ones((B, M), dtype=bool))
         far = np.take_along_axis(self._points, graph[..., -1:].repeat(3, -1), axis=1)
         radius = np.sqrt(((self._points - far) ** 2).sum(-1))
         # a cloud whose every point is in the set needs no certificate
         radius[self.lengths <= kk] = np.inf
-        self._graph = np.ascontiguousarray(graph)
+        self._graph = graph
         self._radius = np.ascontiguousarray(radius)
 
     def _run(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray, log_tol: float):
@@ -560,14 +632,21 @@ class BatchGrid:
         w = np.ascontiguousarray(warm.detach().cpu().numpy().astype(np.int64))
         return torch.from_numpy(self._nearest_host(_host(query), ql, w, neighbors)).to(self.device)
 
-    def point_to_point_moments(self, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor,
-                               warm, neighbors: int = 13):
+    def point_to_point_moments(self, source: Tensor, transform, weights: Tensor, source_lengths: Tensor,
+                               warm, neighbors: int = 13, active=None):
         """One fused hard-NN point-to-point ICP pass (no autograd): move ``source`` by
-        ``transform (B, 4, 4)``, match every point to its exact nearest neighbour (warm-started
-        from ``warm``, ``(B, N)`` int64 numpy or None) and accumulate the weighted moments that
-        Procrustes needs, in one parallel region. Returns ``(moments (B, 17) float64 numpy,
-        indices (B, N) int64 numpy, source reference (B, 3), target reference (B, 3))``; see
-        :func:`_fused_point_to_point` for the layout."""
+        ``transform`` (``(B, 4, 4)``, a tensor or a float64 numpy array), match every point to its
+        exact nearest neighbour (warm-started from ``warm``, ``(B, N)`` int64 numpy or None) and
+        accumulate the weighted moments that Procrustes needs, in one parallel region; clouds with
+        ``active[b]`` False (``(B,)`` bool numpy, default all) are skipped and their moments are 0.
+        Returns ``(partial moments (B, chunks, 17) float64 numpy, indices (B, N) int64 numpy, source
+        reference (B, 3), target reference (B, 3))``; see :func:`_fused_point_to_point` for the
+        layout. The returned arrays are buffers that the next call overwrites.
+
+        When ``warm`` equals the indices this grid returned for the same source on its previous
+        call, queries that moved less than half their certified gap keep their neighbour without a
+        search (ICP's late iterations); any other ``warm`` is only a guess to certify.
+        """
         B, N, _ = source.shape
         # the same tensor objects (held weakly: a new tensor in the memory of a freed one is a
         # different source), unmodified
@@ -584,26 +663,43 @@ class BatchGrid:
             buffers = dict(moved=np.zeros((B, N, 3)), seed_i=np.zeros((B, N), dtype=np.int64),
                            seed_d=np.zeros((B, N)), counts=np.zeros((B, N), dtype=np.int64),
                            certified=np.ones((B, N), dtype=bool), partial=np.zeros((B, chunks, 17)),
-                           hits=np.zeros((B, chunks), dtype=np.int64))
+                           hits=np.zeros((B, chunks), dtype=np.int64), kept=np.zeros((B, chunks), dtype=np.int64),
+                           gaps=np.zeros((B, N)),
+                           idx=np.zeros((B, N, 1), dtype=np.int64), gaps_valid=False)
             self._source_cache = (key, ql, x, _host(weights), source_ref, buffers, weakref.ref(source),
                                   weakref.ref(weights), weakref.ref(source_lengths))
         _, ql, x, w, source_ref, buf = self._source_cache[:6]
         if self._reference is None:
             valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
             self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]
+        if active is None:
+            active = np.ones(B, dtype=bool)
         if warm is not None and self._graph is None:
             self._build_graph(neighbors)
-        T = _host(transform)
-        idx = np.zeros((B, N, 1), dtype=np.int64)
+        T = transform if isinstance(transform, np.ndarray) else _host(transform)
+        idx = buf["idx"]
+        # the gaps hold for the positions in "moved" and the neighbours in "idx": only when warm is
+        # exactly the previous answer
+        use_gaps = bool(warm is not None and buf["gaps_valid"] and np.array_equal(warm, idx[..., 0]))
+        if warm is not None:
+            warm = np.array(warm, dtype=np.int64)  # idx is overwritten while warm is read
         graph = self._graph if warm is not None else _NO_GRAPH
         radius = self._radius if warm is not None else _NO_WARM_D
+        buf["partial"][~active] = 0.0
+        buf["hits"][~active] = 0
+        buf["kept"][~active] = 0
         _fused_point_to_point(x, np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3]), w, ql,
-                              self.lengths, warm if warm is not None else _NO_WARM_I, self._points, graph, radius,
-                              *self._grid, source_ref, self._reference, buf["moved"], idx, buf["seed_i"],
-                              buf["seed_d"], buf["counts"], buf["certified"], buf["partial"], buf["hits"])
+                              self.lengths, active, warm if warm is not None else _NO_WARM_I, buf["gaps"],
+                              use_gaps, self._points, graph, radius, *self._grid, source_ref, self._reference,
+                              buf["moved"], idx, buf["seed_i"], buf["seed_d"], buf["counts"], buf["certified"],
+                              buf["partial"], buf["hits"], buf["kept"])
+        # a skipped cloud keeps its old positions, neighbours and gaps, which still agree
+        buf["gaps_valid"] = True
         if warm is not None:
-            self.certified_fraction = float(buf["hits"].sum()) / max(int(ql.sum()), 1)
-        return buf["partial"].sum(1), idx[..., 0], source_ref, self._reference
+            rows = max(int(ql[active].sum()), 1)
+            self.certified_fraction = float(buf["hits"][active].sum()) / rows
+            self.kept_fraction = float(buf["kept"][active].sum()) / rows
+        return buf["partial"], idx[..., 0], source_ref, self._reference
 
     def soft_candidates(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray,
                         tolerance: float):

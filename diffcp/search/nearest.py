@@ -139,25 +139,30 @@ class NearestNeighborIndex:
         """Whether queries of ``n_query`` points per cloud go to the grid backend."""
         return self._pick(n_query) == "grid"
 
+    def _grid_index(self) -> BatchGrid:
+        """The grid over the points (built on first use)."""
+        if self._grid is None:
+            self._grid = BatchGrid(self.points, self.lengths)
+        return self._grid
+
     def point_to_point_moments(self, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor):
         """Fused CPU pass of hard-NN point-to-point ICP (grid backend, no autograd): the weighted
         moments of the pairs (moved source point, its exact nearest neighbour), warm-started like
         :meth:`query`. Returns ``(moments (B, 17), source reference (B, 3), target reference (B, 3))``
         as float64 numpy arrays (layout in :func:`diffcp.search.grid._fused_point_to_point`)."""
-        if self._grid is None:
-            self._grid = BatchGrid(self.points, self.lengths)
+        grid = self._grid_index()
         B, N, _ = source.shape
         warm = None
         if self.warm_start and self._previous is not None and self._previous.shape == (B, N):
-            warm = np.ascontiguousarray(self._previous.cpu().numpy())
-        moments, indices, source_ref, target_ref = self._grid.point_to_point_moments(
+            warm = self._previous.cpu().numpy()
+        partial, indices, source_ref, target_ref = grid.point_to_point_moments(
             source, transform, weights, source_lengths, warm, self.warm_neighbors
         )
         if self.warm_start:
-            self._previous = torch.from_numpy(indices)
+            self._previous = torch.from_numpy(indices.copy())
         if warm is not None:
-            self.certified_fraction = self._grid.certified_fraction
-        return moments, source_ref, target_ref
+            self.certified_fraction = grid.certified_fraction
+        return partial.sum(1), source_ref.copy(), target_ref.copy()
 
     def query(self, query: Tensor, query_lengths: Optional[Tensor] = None, k: int = 1) -> KNN:
         """The ``k`` nearest valid points of every query point.

@@ -1,0 +1,183 @@
+"""Hard-NN point-to-point ICP as one compiled loop on the CPU (inference and forward passes).
+
+For the plainest and most common ICP (hard nearest neighbours, point-to-point, Procrustes, no
+weighting or rejection) nothing in an iteration needs autograd, so when no gradient is asked for
+the whole loop of :func:`diffcp.icp` runs here, on float64 host arrays, without a tensor per step:
+
+1. one parallel pass per iteration moves the source, finds every exact nearest neighbour and sums
+   the weighted moments Procrustes needs (:func:`diffcp.search.grid._fused_point_to_point`);
+   queries that moved less than half their certified gap keep their neighbour without a search;
+2. Procrustes from those moments, the determinant-corrected polar factor of the cross-covariance
+   (:func:`_procrustes_moments`, the same maths as :func:`diffcp.minimize.procrustes_from_moments`);
+3. the convergence test on the twist between successive transforms (:func:`_twist_norms`, as
+   :func:`diffcp.geometry.twist_between`), and converged clouds are frozen and skipped.
+
+Transforms are rounded to the caller's dtype after every update, as the general loop does, so
+float32 runs follow the same path; the convergence test itself is evaluated in float64. The
+results equal the general loop's (tests: to 1e-9 in float64, with padding and masks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .geometry import _SMALL_ANGLE
+from .search.grid import _njit
+
+__all__ = ["run_point_to_point", "conditioning_point_to_point"]
+
+
+@_njit()
+def _procrustes_moments(partial, source_ref, target_ref, active, transform):
+    """Procrustes from the chunk moments ``partial (B, chunks, 17)`` of the fused pass into
+    ``transform (B, 4, 4)`` for the active clouds: ``R`` is the determinant-corrected polar factor
+    of the weighted cross-covariance (identity where it vanishes), ``t = q_bar - R s_bar``. Every
+    active cloud needs a positive weight sum."""
+    B = partial.shape[0]
+    m = np.empty(17)
+    M = np.empty((3, 3))
+    for b in range(B):
+        if not active[b]:
+            continue
+        for v in range(17):
+            m[v] = partial[b, :, v].sum()
+        w = m[0]
+        sb = m[1:4] / w
+        qb = m[4:7] / w
+        for i in range(3):
+            for k in range(3):
+                M[i, k] = m[7 + 3 * i + k] / w - qb[i] * sb[k]
+        U, S, Vh = np.linalg.svd(M)
+        if S[0] == 0.0:
+            R = np.eye(3)
+        else:
+            if np.linalg.det(U @ Vh) < 0:
+                U[:, 2] = -U[:, 2]
+            R = U @ Vh
+        s = sb + source_ref[b]
+        q = qb + target_ref[b]
+        for i in range(3):
+            for k in range(3):
+                transform[b, i, k] = R[i, k]
+            transform[b, i, 3] = q[i] - (R[i, 0] * s[0] + R[i, 1] * s[1] + R[i, 2] * s[2])
+            transform[b, 3, i] = 0.0
+        transform[b, 3, 3] = 1.0
+
+
+@_njit()
+def _twist_norms(new, old, out):
+    """``out[b] = (|omega|, |v|)`` of the twist taking ``old (B, 4, 4)`` to ``new``: ``exp(omega)
+    = R_new R_old^T`` and ``v = t_new - exp(omega) t_old`` (the norms of
+    :func:`diffcp.geometry.twist_between`, with the same small-angle series)."""
+    B = new.shape[0]
+    dR = np.empty((3, 3))
+    for b in range(B):
+        for i in range(3):
+            for k in range(3):
+                dR[i, k] = new[b, i, 0] * old[b, k, 0] + new[b, i, 1] * old[b, k, 1] + new[b, i, 2] * old[b, k, 2]
+        cos = min(max((dR[0, 0] + dR[1, 1] + dR[2, 2] - 1.0) / 2.0, -1.0), 1.0)
+        w0 = (dR[2, 1] - dR[1, 2]) / 2.0
+        w1 = (dR[0, 2] - dR[2, 0]) / 2.0
+        w2 = (dR[1, 0] - dR[0, 1]) / 2.0
+        sin = math.sqrt(w0 * w0 + w1 * w1 + w2 * w2)
+        theta = math.atan2(sin, cos)
+        out[b, 0] = sin * (1.0 + theta * theta / 6.0) if theta < _SMALL_ANGLE else theta
+        v2 = 0.0
+        for i in range(3):
+            vi = new[b, i, 3] - (dR[i, 0] * old[b, 0, 3] + dR[i, 1] * old[b, 1, 3] + dR[i, 2] * old[b, 2, 3])
+            v2 += vi * vi
+        out[b, 1] = math.sqrt(v2)
+
+
+def _round_to(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``a`` rounded to ``dtype`` (kept in float64), as ``tensor.to(dtype)`` would."""
+    if dtype == torch.float64:
+        return a
+    return torch.from_numpy(a).to(dtype).double().numpy()
+
+
+def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: Tensor, init: Tensor,
+                       iterations: int, tolerance: float, scale: Tensor
+                       ) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The freezing ICP loop of :func:`diffcp.icp` for hard-NN point-to-point Procrustes, compiled.
+
+    Args:
+        index: the target's :class:`diffcp.search.NearestNeighborIndex` (grid backend).
+        source: ``(B, N, 3)``; weights ``(B, N)`` (selection times padding); source_lengths ``(B,)``.
+        init: ``(B, 4, 4)`` starting transforms; iterations, tolerance: as in :func:`diffcp.icp`;
+        scale: ``(B,)`` cloud radii (the translation tolerance is ``tolerance * scale``).
+
+    Returns:
+        ``(T (B, 4, 4), converged (B,), count (B,), errors (B, iterations run))`` on the source's
+        device and dtype, or None when a cloud has no weight (the general loop handles it).
+    """
+    dtype, device = source.dtype, source.device
+    w_sum = weights.detach().sum(1)
+    if not bool((w_sum > 0).all()):
+        return None
+    grid = index._grid_index()
+    B = source.shape[0]
+    T = _round_to(init.detach().to(device="cpu", dtype=torch.float64).numpy().copy(), dtype)
+    T_new = T.copy()
+    trans_tol = tolerance * scale.detach().to(device="cpu", dtype=torch.float64).numpy()
+    tiny = torch.finfo(dtype).tiny ** 0.5
+    converged = np.zeros(B, dtype=bool)
+    count = np.zeros(B, dtype=np.int64)
+    norms = np.zeros((B, 2))
+    errors = []
+    warm = None
+    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
+        warm = index._previous.cpu().numpy()
+    for _ in range(iterations):
+        active = ~converged
+        partial, idx, source_ref, target_ref = grid.point_to_point_moments(
+            source, T, weights, source_lengths, warm, index.warm_neighbors, active=active
+        )
+        warm = idx if index.warm_start else None
+        _procrustes_moments(partial, source_ref, target_ref, active, T_new)
+        T_new[active] = _round_to(T_new[active], dtype)
+        _twist_norms(T_new, T, norms)
+        moments = partial.sum(1)
+        err = np.sqrt(moments[:, 16] / np.maximum(moments[:, 0], tiny))
+        err = _round_to(err, dtype)
+        if errors:
+            err = np.where(converged, errors[-1], err)
+        small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
+        T[active] = T_new[active]
+        count += active
+        converged |= small & active
+        errors.append(err)
+        if converged.all():
+            break
+    if warm is not None:
+        index._previous = torch.from_numpy(warm.copy())
+        index.certified_fraction = grid.certified_fraction
+    to = dict(device=device)
+    errs = torch.from_numpy(np.stack(errors, 1)).to(dtype=dtype, **to) if errors else torch.zeros(B, 0, dtype=dtype, **to)
+    return (torch.from_numpy(T).to(dtype=dtype, **to), torch.from_numpy(converged).to(**to),
+            torch.from_numpy(count).to(**to), errs)
+
+
+def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weights: Tensor,
+                                source_lengths: Tensor) -> Tensor:
+    """:func:`diffcp.minimize.procrustes_conditioning` of the hard-NN matches at ``transform``,
+    from one fused pass: ``(s'_2 + s'_3) / s_1`` of the weighted cross-covariance, ``(B,)``."""
+    grid = index._grid_index()
+    warm = None
+    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
+        warm = index._previous.cpu().numpy()
+    partial, _, _, _ = grid.point_to_point_moments(source, transform, weights, source_lengths, warm,
+                                                   index.warm_neighbors)
+    m = partial.sum(1)
+    w = np.maximum(m[:, 0], np.finfo(np.float64).tiny)
+    sb, qb = m[:, 1:4] / w[:, None], m[:, 4:7] / w[:, None]
+    M = m[:, 7:16].reshape(-1, 3, 3) / w[:, None, None] - qb[:, :, None] * sb[:, None, :]
+    U, S, Vh = np.linalg.svd(M)
+    s3 = np.where(np.linalg.det(U @ Vh) < 0, -S[:, 2], S[:, 2])
+    cond = np.where(S[:, 0] > 0, (S[:, 1] + s3) / np.where(S[:, 0] > 0, S[:, 0], 1.0), 0.0)
+    return torch.from_numpy(cond)
