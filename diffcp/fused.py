@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from .geometry import _SMALL_ANGLE
-from .search.grid import _njit
+from .minimize.linear_solve import _EPS_FLOOR
+from .search.grid import _PLANE_SUMS, _njit
 
-__all__ = ["run_point_to_point", "conditioning_point_to_point"]
+__all__ = ["run_point_to_point", "run_gauss_newton", "conditioning_point_to_point"]
 
 
 @_njit()
@@ -94,11 +95,103 @@ def _twist_norms(new, old, out):
         out[b, 1] = math.sqrt(v2)
 
 
+@_njit()
+def _gauss_newton_update(partial, active, damping, floor, old, new):
+    """One damped Gauss-Newton step from the sums ``partial (B, chunks, 29)`` of the plane pass,
+    for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = damping |trace A| / 6 +
+    floor`` (as :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
+    exp(omega) R``, ``t <- exp(omega) t + v``."""
+    B = partial.shape[0]
+    m = np.empty(_PLANE_SUMS)
+    A = np.empty((6, 6))
+    g = np.empty(6)
+    K = np.empty((3, 3))
+    for b in range(B):
+        if not active[b]:
+            continue
+        for v in range(_PLANE_SUMS):
+            m[v] = partial[b, :, v].sum()
+        v = 1
+        for i in range(6):
+            for k in range(i, 6):
+                A[i, k] = m[v]
+                A[k, i] = m[v]
+                v += 1
+            g[i] = m[22 + i]
+        lam = damping * abs(A[0, 0] + A[1, 1] + A[2, 2] + A[3, 3] + A[4, 4] + A[5, 5]) / 6.0 + floor
+        for i in range(6):
+            A[i, i] += lam
+        xi = -np.linalg.solve(A, g)
+        # Rodrigues, with the series of diffcp.geometry.so3_exp near zero
+        w0, w1, w2 = xi[0], xi[1], xi[2]
+        theta2 = w0 * w0 + w1 * w1 + w2 * w2
+        if theta2 < _SMALL_ANGLE * _SMALL_ANGLE:
+            a = 1.0 - theta2 / 6.0 + theta2 * theta2 / 120.0
+            c = 0.5 - theta2 / 24.0 + theta2 * theta2 / 720.0
+        else:
+            theta = math.sqrt(theta2)
+            a = math.sin(theta) / theta
+            c = (1.0 - math.cos(theta)) / theta2
+        K[0, 0], K[0, 1], K[0, 2] = 0.0, -w2, w1
+        K[1, 0], K[1, 1], K[1, 2] = w2, 0.0, -w0
+        K[2, 0], K[2, 1], K[2, 2] = -w1, w0, 0.0
+        E = np.eye(3) + a * K + c * (K @ K)
+        for i in range(3):
+            for k in range(3):
+                new[b, i, k] = E[i, 0] * old[b, 0, k] + E[i, 1] * old[b, 1, k] + E[i, 2] * old[b, 2, k]
+            new[b, i, 3] = E[i, 0] * old[b, 0, 3] + E[i, 1] * old[b, 1, 3] + E[i, 2] * old[b, 2, 3] + xi[3 + i]
+            new[b, 3, i] = 0.0
+        new[b, 3, 3] = 1.0
+
+
 def _round_to(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """``a`` rounded to ``dtype`` (kept in float64), as ``tensor.to(dtype)`` would."""
     if dtype == torch.float64:
         return a
     return torch.from_numpy(a).to(dtype).double().numpy()
+
+
+def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale):
+    """The freezing loop of :func:`diffcp.icp` on float64 host arrays; ``pass_and_update(T, warm,
+    active, T_new)`` runs one fused pass, writes the updated transforms of the active clouds into
+    ``T_new`` and returns ``(indices, weight sums (B,), weighted squared residual sums (B,))``."""
+    dtype, device = source.dtype, source.device
+    B = source.shape[0]
+    T = _round_to(init.detach().to(device="cpu", dtype=torch.float64).numpy().copy(), dtype)
+    T_new = T.copy()
+    trans_tol = tolerance * scale.detach().to(device="cpu", dtype=torch.float64).numpy()
+    tiny = torch.finfo(dtype).tiny ** 0.5
+    converged = np.zeros(B, dtype=bool)
+    count = np.zeros(B, dtype=np.int64)
+    norms = np.zeros((B, 2))
+    errors = []
+    warm = None
+    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
+        warm = index._previous.cpu().numpy()
+    for _ in range(iterations):
+        active = ~converged
+        idx, w_sum, r2_sum = pass_and_update(T, warm, active, T_new)
+        warm = idx if index.warm_start else None
+        T_new[active] = _round_to(T_new[active], dtype)
+        _twist_norms(T_new, T, norms)
+        # the cost at the current transform, as the general step reports it
+        err = _round_to(np.sqrt(r2_sum / np.maximum(w_sum, tiny)), dtype)
+        if errors:
+            err = np.where(converged, errors[-1], err)
+        small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
+        T[active] = T_new[active]
+        count += active
+        converged |= small & active
+        errors.append(err)
+        if converged.all():
+            break
+    if warm is not None:
+        index._previous = torch.from_numpy(warm.copy())
+        index.certified_fraction = index._grid_index().certified_fraction
+    to = dict(device=device)
+    errs = torch.from_numpy(np.stack(errors, 1)).to(dtype=dtype, **to) if errors else torch.zeros(B, 0, dtype=dtype, **to)
+    return (torch.from_numpy(T).to(dtype=dtype, **to), torch.from_numpy(converged).to(**to),
+            torch.from_numpy(count).to(**to), errs)
 
 
 def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: Tensor, init: Tensor,
@@ -116,51 +209,41 @@ def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: T
         ``(T (B, 4, 4), converged (B,), count (B,), errors (B, iterations run))`` on the source's
         device and dtype, or None when a cloud has no weight (the general loop handles it).
     """
-    dtype, device = source.dtype, source.device
-    w_sum = weights.detach().sum(1)
-    if not bool((w_sum > 0).all()):
+    if not bool((weights.detach().sum(1) > 0).all()):
         return None
     grid = index._grid_index()
-    B = source.shape[0]
-    T = _round_to(init.detach().to(device="cpu", dtype=torch.float64).numpy().copy(), dtype)
-    T_new = T.copy()
-    trans_tol = tolerance * scale.detach().to(device="cpu", dtype=torch.float64).numpy()
-    tiny = torch.finfo(dtype).tiny ** 0.5
-    converged = np.zeros(B, dtype=bool)
-    count = np.zeros(B, dtype=np.int64)
-    norms = np.zeros((B, 2))
-    errors = []
-    warm = None
-    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
-        warm = index._previous.cpu().numpy()
-    for _ in range(iterations):
-        active = ~converged
+
+    def pass_and_update(T, warm, active, T_new):
         partial, idx, source_ref, target_ref = grid.point_to_point_moments(
             source, T, weights, source_lengths, warm, index.warm_neighbors, active=active
         )
-        warm = idx if index.warm_start else None
         _procrustes_moments(partial, source_ref, target_ref, active, T_new)
-        T_new[active] = _round_to(T_new[active], dtype)
-        _twist_norms(T_new, T, norms)
         moments = partial.sum(1)
-        err = np.sqrt(moments[:, 16] / np.maximum(moments[:, 0], tiny))
-        err = _round_to(err, dtype)
-        if errors:
-            err = np.where(converged, errors[-1], err)
-        small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
-        T[active] = T_new[active]
-        count += active
-        converged |= small & active
-        errors.append(err)
-        if converged.all():
-            break
-    if warm is not None:
-        index._previous = torch.from_numpy(warm.copy())
-        index.certified_fraction = grid.certified_fraction
-    to = dict(device=device)
-    errs = torch.from_numpy(np.stack(errors, 1)).to(dtype=dtype, **to) if errors else torch.zeros(B, 0, dtype=dtype, **to)
-    return (torch.from_numpy(T).to(dtype=dtype, **to), torch.from_numpy(converged).to(**to),
-            torch.from_numpy(count).to(**to), errs)
+        return idx, moments[:, 0], moments[:, 16]
+
+    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale)
+
+
+def run_gauss_newton(index, source: Tensor, weights: Tensor, source_lengths: Tensor, target_normals: Tensor,
+                     source_normals: Optional[Tensor], init: Tensor, iterations: int, tolerance: float,
+                     scale: Tensor, damping: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The freezing ICP loop of :func:`diffcp.icp` for hard-NN point-to-plane (``source_normals``
+    None) or symmetric ICP with one damped Gauss-Newton step per iteration (``solver="linear"``),
+    compiled. ``target_normals``: ``(B, M, 3)`` of the index's points; ``source_normals``: ``(B, N,
+    3)`` in the source frame; ``damping`` as in :func:`diffcp.minimize.damped_solve`. Other
+    arguments and the result as :func:`run_point_to_point`."""
+    grid = index._grid_index()
+    d = max(float(damping), _EPS_FLOOR * torch.finfo(source.dtype).eps)
+    floor = torch.finfo(source.dtype).tiny ** 0.5
+
+    def pass_and_update(T, warm, active, T_new):
+        partial, idx = grid.plane_normal_equations(source, T, weights, source_lengths, target_normals, warm,
+                                                   index.warm_neighbors, active=active, source_normals=source_normals)
+        _gauss_newton_update(partial, active, d, floor, T, T_new)
+        sums = partial.sum(1)
+        return idx, sums[:, 0], sums[:, 28]
+
+    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale)
 
 
 def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weights: Tensor,

@@ -50,7 +50,7 @@ from .geometry import (
     transform_points,
     twist_between,
 )
-from .fused import conditioning_point_to_point, run_point_to_point
+from .fused import conditioning_point_to_point, run_gauss_newton, run_point_to_point
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
 from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments
@@ -122,6 +122,7 @@ class _Problem:
     lm_iterations: int
     damping: float
     fused: bool = False  # hard-NN point-to-point Procrustes without options: fused CPU pass allowed
+    fused_linear: bool = False  # hard-NN point-to-plane / symmetric Gauss-Newton without options: compiled loop
 
 
 def _match(p: _Problem, y: Tensor) -> Correspondences:
@@ -207,16 +208,27 @@ def _cloud_scale(points: Tensor, lengths: Tensor) -> Tensor:
         return var.sqrt().clamp_min(torch.finfo(points.dtype).tiny)
 
 
+def _needs_graph(p: _Problem, T: Tensor) -> bool:
+    """Whether autograd must record the iterations (a gradient is enabled and some input needs it)."""
+    return torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (p.source, p.target, p.source_normals, p.target_normals, T)
+    )
+
+
 def _run(p: _Problem, T: Tensor, iterations: int, tolerance: float, scale: Tensor, freeze: bool):
     """Iterate up to ``iterations`` times with per-element convergence.
 
     Elements whose update falls below the tolerance are frozen (they stop changing) when
     ``freeze`` is set; the loop stops once all are converged (one host sync per iteration).
     """
-    if freeze and p.fused and not (torch.is_grad_enabled() and (p.source.requires_grad or p.target.requires_grad
-                                                                 or T.requires_grad)):
-        out = run_point_to_point(p.index, p.source, p.source_weights, p.source_lengths, T, iterations,
-                                 tolerance, scale)
+    if freeze and (p.fused or p.fused_linear) and not _needs_graph(p, T):
+        if p.fused:
+            out = run_point_to_point(p.index, p.source, p.source_weights, p.source_lengths, T, iterations,
+                                     tolerance, scale)
+        else:
+            out = run_gauss_newton(p.index, p.source, p.source_weights, p.source_lengths, p.target_normals,
+                                   p.source_normals if p.metric == "symmetric" else None, T, iterations,
+                                   tolerance, scale, p.damping)
         if out is not None:
             return out
     B = T.shape[0]
@@ -374,9 +386,9 @@ def icp(
         damping: relative Tikhonov damping of the linear solves.
         search_backend: ``"auto"``, ``"grid"``, ``"tree"`` or ``"matmul"`` for hard nearest
             neighbours (see :func:`diffcp.search.knn`). On a CPU with the grid, hard-NN
-            point-to-point Procrustes without weighting or rejection runs the iterations that
-            need no gradient as one compiled loop (:mod:`diffcp.fused`; same result, float64
-            sums), and each other such iteration as one fused compiled pass.
+            point-to-point Procrustes, and point-to-plane or symmetric ICP with
+            ``solver="linear"``, without weighting or rejection, run the iterations that need no
+            gradient as one compiled loop (:mod:`diffcp.fused`; same result, float64 sums).
         soft_backend: ``"auto"``, ``"dense"``, ``"attention"`` or ``"truncated"`` (nearby
             candidates only, row by row where that is certified to the dtype's precision, the
             other rows exactly; see :func:`diffcp.search.soft_nearest`) for soft nearest
@@ -511,11 +523,10 @@ def icp(
         rejection_temperature=float(rejection_temperature), lm_iterations=lm_iterations,
         damping=float(damping),
     )
-    problem.fused = (
-        correspondence == "nn" and metric == "point_to_point" and solver == "procrustes"
-        and distance_weighting is None and not normal_weighting and robust_kernel is None
-        and reject_distance is None and reject_angle is None and index.uses_grid(N)
-    )
+    plain = (correspondence == "nn" and distance_weighting is None and not normal_weighting and robust_kernel is None
+             and reject_distance is None and reject_angle is None and index.uses_grid(N))
+    problem.fused = plain and metric == "point_to_point" and solver == "procrustes"
+    problem.fused_linear = plain and metric in ("point_to_plane", "symmetric") and solver == "linear"
     scale = _cloud_scale(source.detach(), source_lengths)
     checks_enabled = checks.ENABLED
     with checks.disabled():

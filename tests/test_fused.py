@@ -206,3 +206,100 @@ def test_compiled_conditioning_equals_procrustes_conditioning_and_warns_on_a_lin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         diffcp.icp(source, target, search_backend="grid", max_iterations=3)
+
+
+def _plane_problem(dtype=torch.float64, seed=14):
+    from shapes import sample
+
+    g = torch.Generator().manual_seed(seed)
+    tlen, slen = torch.tensor([720, 600, 655]), torch.tensor([700, 523, 611])
+    tgt = torch.full((3, 720, 3), 1e3, dtype=dtype)  # padding that would be nearest if used
+    tn = torch.zeros(3, 720, 3, dtype=dtype)
+    src = torch.full((3, 700, 3), 77.0, dtype=dtype)
+    sn = torch.zeros(3, 700, 3, dtype=dtype)
+    T = random_transform(3, max_angle=0.25, max_translation=0.1, generator=g, dtype=dtype)
+    for b in range(3):
+        p, n = sample("bumpy_sphere", int(tlen[b]), seed=b, dtype=dtype)
+        x, m = sample("bumpy_sphere", int(slen[b]), seed=10 + b, dtype=dtype)
+        tgt[b, : tlen[b]], tn[b, : tlen[b]] = p, n
+        R, t = T[b, :3, :3], T[b, :3, 3]
+        src[b, : slen[b]], sn[b, : slen[b]] = (x - t) @ R, m @ R  # R^T (x - t): T maps source into target
+    return src, sn, slen, tgt, tn, tlen
+
+
+@pytest.mark.parametrize("metric", ["point_to_plane", "symmetric"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_compiled_gauss_newton_loop_equals_the_general_loop(metric, dtype, atol):
+    import importlib
+
+    icp_module = importlib.import_module("diffcp.icp")
+    src, sn, slen, tgt, tn, tlen = _plane_problem(dtype)
+    mask = torch.rand(3, 700, generator=torch.Generator().manual_seed(3)) > 0.2
+    kwargs = dict(source_lengths=slen, target_lengths=tlen, target_normals=tn, metric=metric, solver="linear",
+                  max_iterations=25, tolerance=1e-6, source_mask=mask)
+    if metric == "symmetric":
+        kwargs["source_normals"] = sn
+    calls = []
+    original = icp_module.run_gauss_newton
+    icp_module.run_gauss_newton = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():
+            fast = diffcp.icp(src, tgt, search_backend="grid", **kwargs)
+            assert calls == [1]
+            slow = diffcp.icp(src, tgt, search_backend="tree", **kwargs)
+            assert calls == [1]
+            with_lm = diffcp.icp(src, tgt, search_backend="grid", **{**kwargs, "solver": "lm", "max_iterations": 2})
+            assert calls == [1] and with_lm.iterations.max() == 2  # LM keeps the general loop
+    finally:
+        icp_module.run_gauss_newton = original
+    if dtype == torch.float64:
+        assert len(set(fast.iterations.tolist())) > 1  # the clouds converged at different iterations
+    assert torch.equal(fast.iterations, slow.iterations)
+    assert torch.equal(fast.converged, slow.converged)
+    torch.testing.assert_close(fast.transform, slow.transform, rtol=0, atol=atol)
+    torch.testing.assert_close(fast.errors, slow.errors, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=atol)
+    assert fast.transform.dtype == dtype
+
+
+def test_compiled_gauss_newton_loop_is_skipped_when_normals_need_gradients():
+    import importlib
+
+    icp_module = importlib.import_module("diffcp.icp")
+    src, sn, slen, tgt, tn, tlen = _plane_problem()
+    tn = tn.clone().requires_grad_(True)
+    calls = []
+    original = icp_module.run_gauss_newton
+    icp_module.run_gauss_newton = lambda *args: calls.append(1) or original(*args)
+    try:
+        out = diffcp.icp(src, tgt, source_lengths=slen, target_lengths=tlen, target_normals=tn,
+                         metric="point_to_plane", solver="linear", max_iterations=4, search_backend="grid")
+        assert not calls
+        out.translation.sum().backward()
+        assert tn.grad is not None and torch.isfinite(tn.grad).all() and tn.grad.abs().sum() > 0
+        # implicit: the forward iterations carry no graph and are compiled
+        tn.grad = None
+        out = diffcp.icp(src, tgt, source_lengths=slen, target_lengths=tlen, target_normals=tn,
+                         metric="point_to_plane", solver="linear", max_iterations=4, search_backend="grid",
+                         backward="implicit")
+        assert calls == [1]
+        out.translation.sum().backward()
+        assert torch.isfinite(tn.grad).all() and tn.grad.abs().sum() > 0
+    finally:
+        icp_module.run_gauss_newton = original
+
+
+def test_target_normals_are_copied_again_when_modified_in_place():
+    src, sn, slen, tgt, tn, tlen = _plane_problem()
+    kwargs = dict(source_lengths=slen, target_lengths=tlen, metric="point_to_plane", solver="linear",
+                  max_iterations=5, search_backend="grid")
+    index = diffcp.NearestNeighborIndex(tgt, tlen, backend="grid")
+    grid = index._grid_index()
+    weights = (torch.arange(700)[None] < slen[:, None]).double()
+    eye = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+    first, _ = grid.plane_normal_equations(src, eye, weights, slen, tn, None)
+    first = first.copy()
+    tn.mul_(2.0)  # same tensor, new values: r and J double
+    second, _ = grid.plane_normal_equations(src, eye, weights, slen, tn, None)
+    np.testing.assert_allclose(second[..., 22:28], 4 * first[..., 22:28], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        diffcp.icp(src, tgt, target_normals=tn, **kwargs)

@@ -151,6 +151,7 @@ _NO_WARM_I = np.zeros((0, 0), dtype=np.int64)
 _NO_WARM_D = np.zeros((0, 0))
 _NO_TEMPERATURE = np.zeros(0)
 _NO_GRAPH = np.zeros((0, 0, 0), dtype=np.int64)
+_NO_WARM_D3 = np.zeros((0, 0, 3))
 
 
 @_njit()
@@ -376,6 +377,69 @@ def _warm_certify(queries, query_lengths, warm, points, graph, radius, best_j, b
             certified[b, n] = ok
 
 
+@_njit(inline="always")
+def _match_chunk(b, start, stop, source, rotation, translation, query_lengths, point_lengths, warm, gaps, use_gaps,
+                 points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local, moved, idx, seed_i,
+                 seed_d, scratch_counts, scratch_certified):
+    """The matching half of a fused pass over the rows ``start:stop`` of cloud ``b`` (see
+    :func:`_fused_point_to_point`): writes ``moved`` and ``idx``; returns ``(settled, kept)``."""
+    N = source.shape[1]
+    has_warm = warm.shape[0] > 0
+    rest = np.empty(_CHUNK, dtype=np.int64)
+    n_rest = 0
+    hits = 0
+    kept = 0
+    for n in range(start, stop):
+        y0 = (rotation[b, 0, 0] * source[b, n, 0] + rotation[b, 0, 1] * source[b, n, 1]
+              + rotation[b, 0, 2] * source[b, n, 2] + translation[b, 0])
+        y1 = (rotation[b, 1, 0] * source[b, n, 0] + rotation[b, 1, 1] * source[b, n, 1]
+              + rotation[b, 1, 2] * source[b, n, 2] + translation[b, 1])
+        y2 = (rotation[b, 2, 0] * source[b, n, 0] + rotation[b, 2, 1] * source[b, n, 1]
+              + rotation[b, 2, 2] * source[b, n, 2] + translation[b, 2])
+        if use_gaps:
+            g = gaps[b, n]
+            if g > 0.0:
+                e0 = y0 - moved[b, n, 0]
+                e1 = y1 - moved[b, n, 1]
+                e2 = y2 - moved[b, n, 2]
+                big = max(max(abs(y0), abs(y1)), abs(y2))
+                g -= 2.0 * math.sqrt(e0 * e0 + e1 * e1 + e2 * e2) + 3 * _ULPS * big
+                if g > 0.0:
+                    gaps[b, n] = g
+                    moved[b, n, 0] = y0
+                    moved[b, n, 1] = y1
+                    moved[b, n, 2] = y2
+                    idx[b, n, 0] = warm[b, n]
+                    hits += 1
+                    kept += 1
+                    continue
+        moved[b, n, 0] = y0
+        moved[b, n, 1] = y1
+        moved[b, n, 2] = y2
+        gaps[b, n] = 0.0
+        if has_warm:
+            j, dj, ok, gap = _certify_one(y0, y1, y2, b, warm[b, n], points, graph, radius)
+            if ok:
+                idx[b, n, 0] = j
+                gaps[b, n] = gap
+                hits += 1
+                continue
+            seed_i[b, n] = j
+            seed_d[b, n] = dj
+        rest[n_rest] = b * N + n
+        n_rest += 1
+    if n_rest > 0:
+        if has_warm:
+            _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
+                         cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, seed_i, seed_d, idx, scratch_counts,
+                         scratch_certified)
+        else:
+            _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
+                         cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, _NO_WARM_I, _NO_WARM_D, idx,
+                         scratch_counts, scratch_certified)
+    return hits, kept
+
+
 @_njit(parallel=True)
 def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, active, warm, gaps,
                           use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local,
@@ -404,65 +468,15 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
     """
     B, N = source.shape[0], source.shape[1]
     chunks = (N + _CHUNK - 1) // _CHUNK
-    has_warm = warm.shape[0] > 0
     for task in numba.prange(B * chunks):
         b = task // chunks
         if not active[b]:
             continue
         start = (task - b * chunks) * _CHUNK
         stop = min(query_lengths[b], start + _CHUNK)
-        rest = np.empty(_CHUNK, dtype=np.int64)
-        n_rest = 0
-        hits = 0
-        kept = 0
-        for n in range(start, stop):
-            y0 = (rotation[b, 0, 0] * source[b, n, 0] + rotation[b, 0, 1] * source[b, n, 1]
-                  + rotation[b, 0, 2] * source[b, n, 2] + translation[b, 0])
-            y1 = (rotation[b, 1, 0] * source[b, n, 0] + rotation[b, 1, 1] * source[b, n, 1]
-                  + rotation[b, 1, 2] * source[b, n, 2] + translation[b, 1])
-            y2 = (rotation[b, 2, 0] * source[b, n, 0] + rotation[b, 2, 1] * source[b, n, 1]
-                  + rotation[b, 2, 2] * source[b, n, 2] + translation[b, 2])
-            if use_gaps:
-                g = gaps[b, n]
-                if g > 0.0:
-                    e0 = y0 - moved[b, n, 0]
-                    e1 = y1 - moved[b, n, 1]
-                    e2 = y2 - moved[b, n, 2]
-                    big = max(max(abs(y0), abs(y1)), abs(y2))
-                    g -= 2.0 * math.sqrt(e0 * e0 + e1 * e1 + e2 * e2) + 3 * _ULPS * big
-                    if g > 0.0:
-                        gaps[b, n] = g
-                        moved[b, n, 0] = y0
-                        moved[b, n, 1] = y1
-                        moved[b, n, 2] = y2
-                        idx[b, n, 0] = warm[b, n]
-                        hits += 1
-                        kept += 1
-                        continue
-            moved[b, n, 0] = y0
-            moved[b, n, 1] = y1
-            moved[b, n, 2] = y2
-            gaps[b, n] = 0.0
-            if has_warm:
-                j, dj, ok, gap = _certify_one(y0, y1, y2, b, warm[b, n], points, graph, radius)
-                if ok:
-                    idx[b, n, 0] = j
-                    gaps[b, n] = gap
-                    hits += 1
-                    continue
-                seed_i[b, n] = j
-                seed_d[b, n] = dj
-            rest[n_rest] = b * N + n
-            n_rest += 1
-        if n_rest > 0:
-            if has_warm:
-                _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
-                             cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, seed_i, seed_d, idx, scratch_counts,
-                             scratch_certified)
-            else:
-                _search_rows(rest[:n_rest], moved, query_lengths, point_lengths, origin, edge, dims, cell_offset,
-                             cell_start, pts, local, 1, _NO_TEMPERATURE, 0.0, _NO_WARM_I, _NO_WARM_D, idx,
-                             scratch_counts, scratch_certified)
+        hits, kept = _match_chunk(b, start, stop, source, rotation, translation, query_lengths, point_lengths, warm,
+                                  gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start,
+                                  pts, local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified)
         certified_rows[b, task - b * chunks] = hits
         kept_rows[b, task - b * chunks] = kept
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = a16 = 0.0
@@ -506,6 +520,79 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
         out[0], out[1], out[2], out[3], out[4], out[5] = a0, a1, a2, a3, a4, a5
         out[6], out[7], out[8], out[9], out[10], out[11] = a6, a7, a8, a9, a10, a11
         out[12], out[13], out[14], out[15], out[16] = a12, a13, a14, a15, a16
+
+
+# Layout of the plane passes' sums: weight, the upper triangle of J^T W J (row by row), J^T W r, W r^2.
+_PLANE_SUMS = 29
+
+
+@_njit(parallel=True)
+def _fused_plane(source, source_normals, target_normals, rotation, translation, weights, query_lengths, point_lengths,
+                 active, warm, gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts,
+                 local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified, partial, certified_rows,
+                 kept_rows):
+    """One hard-NN pass of point-to-plane (``source_normals`` empty) or symmetric ICP: match as
+    :func:`_fused_point_to_point` and add each pair's Gauss-Newton terms to ``partial[b, chunk]``
+    (29 values: ``sum w``, the 21 entries ``A_ik, i <= k`` of ``A = sum w J^T J`` row by row,
+    ``sum w J^T r`` and ``sum w r^2``), with the residual and Jacobian row of
+    :mod:`diffcp.minimize.residuals`: ``d = y - q``, ``n = n_q`` (point-to-plane) or
+    ``n_y + n_q`` with ``n_y = R n_s`` (symmetric), ``r = d . n``, ``J = [y x n (+ n_y x d), n]``."""
+    B, N = source.shape[0], source.shape[1]
+    chunks = (N + _CHUNK - 1) // _CHUNK
+    symmetric = source_normals.shape[0] > 0
+    for task in numba.prange(B * chunks):
+        b = task // chunks
+        if not active[b]:
+            continue
+        start = (task - b * chunks) * _CHUNK
+        stop = min(query_lengths[b], start + _CHUNK)
+        hits, kept = _match_chunk(b, start, stop, source, rotation, translation, query_lengths, point_lengths, warm,
+                                  gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start,
+                                  pts, local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified)
+        certified_rows[b, task - b * chunks] = hits
+        kept_rows[b, task - b * chunks] = kept
+        acc = np.zeros(_PLANE_SUMS)
+        J = np.empty(6)
+        for n in range(start, stop):
+            w = weights[b, n]
+            if w == 0.0:
+                continue
+            j = idx[b, n, 0]
+            y0, y1, y2 = moved[b, n, 0], moved[b, n, 1], moved[b, n, 2]
+            d0 = y0 - points[b, j, 0]
+            d1 = y1 - points[b, j, 1]
+            d2 = y2 - points[b, j, 2]
+            n0, n1, n2 = target_normals[b, j, 0], target_normals[b, j, 1], target_normals[b, j, 2]
+            if symmetric:
+                m0 = (rotation[b, 0, 0] * source_normals[b, n, 0] + rotation[b, 0, 1] * source_normals[b, n, 1]
+                      + rotation[b, 0, 2] * source_normals[b, n, 2])
+                m1 = (rotation[b, 1, 0] * source_normals[b, n, 0] + rotation[b, 1, 1] * source_normals[b, n, 1]
+                      + rotation[b, 1, 2] * source_normals[b, n, 2])
+                m2 = (rotation[b, 2, 0] * source_normals[b, n, 0] + rotation[b, 2, 1] * source_normals[b, n, 1]
+                      + rotation[b, 2, 2] * source_normals[b, n, 2])
+                n0 += m0
+                n1 += m1
+                n2 += m2
+                J[0] = y1 * n2 - y2 * n1 + m1 * d2 - m2 * d1
+                J[1] = y2 * n0 - y0 * n2 + m2 * d0 - m0 * d2
+                J[2] = y0 * n1 - y1 * n0 + m0 * d1 - m1 * d0
+            else:
+                J[0] = y1 * n2 - y2 * n1
+                J[1] = y2 * n0 - y0 * n2
+                J[2] = y0 * n1 - y1 * n0
+            J[3], J[4], J[5] = n0, n1, n2
+            r = d0 * n0 + d1 * n1 + d2 * n2
+            acc[0] += w
+            v = 1
+            for i in range(6):
+                wj = w * J[i]
+                for k in range(i, 6):
+                    acc[v] += wj * J[k]
+                    v += 1
+                acc[22 + i] += wj * r
+            acc[28] += w * r * r
+        for v in range(_PLANE_SUMS):
+            partial[b, task - b * chunks, v] = acc[v]
 
 
 @_njit(parallel=True)
@@ -566,7 +653,8 @@ class BatchGrid:
         self._graph = None  # (B, M, K) each point's K nearest (itself included)
         self._radius = None  # (B, M) the distance they cover
         self._reference = None  # (B, 3) centroid of each cloud's valid points
-        self._source_cache = None  # host copies for point_to_point_moments
+        self._source_cache = None  # host copies and buffers of the fused passes
+        self._normals_cache = None  # host copy of the target normals of the plane passes
         self._soft_seed = None  # (B, N) nearest indices of the last soft_candidates call
         self.certified_fraction = None  # of the last warm query (diagnostics)
         self.kept_fraction = None  # of the last fused pass: rows that kept their neighbour unsearched
@@ -632,6 +720,86 @@ class BatchGrid:
         w = np.ascontiguousarray(warm.detach().cpu().numpy().astype(np.int64))
         return torch.from_numpy(self._nearest_host(_host(query), ql, w, neighbors)).to(self.device)
 
+    def _source_state(self, source: Tensor, weights: Tensor, source_lengths: Tensor, source_normals):
+        """Host copies of what stays fixed over an ICP run, and the buffers the passes write, for
+        these very tensor objects (held weakly: a new tensor in the memory of a freed one is a
+        different source), unmodified since."""
+        B, N, _ = source.shape
+        tensors = (source, weights, source_lengths, source_normals)
+        key = tuple(None if t is None else t._version for t in tensors) + (tuple(source.shape),)
+        cache = self._source_cache
+        if (cache is None or cache["key"] != key
+                or any((ref is None) != (t is None) or (ref is not None and ref() is not t)
+                       for ref, t in zip(cache["refs"], tensors))):
+            ql = source_lengths.detach().cpu().numpy().astype(np.int64)
+            x = _host(source)
+            valid = (np.arange(N)[None, :] < ql[:, None])[..., None]
+            chunks = (N + _CHUNK - 1) // _CHUNK
+            cache = dict(
+                key=key, refs=tuple(None if t is None else weakref.ref(t) for t in tensors), ql=ql, x=x,
+                w=_host(weights), normals=_NO_WARM_D3 if source_normals is None else _host(source_normals),
+                source_ref=(x * valid).sum(1) / np.maximum(ql, 1)[:, None],
+                moved=np.zeros((B, N, 3)), seed_i=np.zeros((B, N), dtype=np.int64), seed_d=np.zeros((B, N)),
+                counts=np.zeros((B, N), dtype=np.int64), certified=np.ones((B, N), dtype=bool),
+                partial={17: np.zeros((B, chunks, 17)), _PLANE_SUMS: np.zeros((B, chunks, _PLANE_SUMS))},
+                hits=np.zeros((B, chunks), dtype=np.int64), kept=np.zeros((B, chunks), dtype=np.int64),
+                gaps=np.zeros((B, N)), idx=np.zeros((B, N, 1), dtype=np.int64), gaps_valid=False,
+            )
+            self._source_cache = cache
+        return cache
+
+    def _fused(self, sums: int, source, transform, weights, source_lengths, warm, neighbors, active,
+               source_normals=None, target_normals=None):
+        B, N, _ = source.shape
+        buf = self._source_state(source, weights, source_lengths, source_normals)
+        ql = buf["ql"]
+        if active is None:
+            active = np.ones(B, dtype=bool)
+        if warm is not None and self._graph is None:
+            self._build_graph(neighbors)
+        T = transform if isinstance(transform, np.ndarray) else _host(transform)
+        idx = buf["idx"]
+        # the gaps hold for the positions in "moved" and the neighbours in "idx": only when warm is
+        # exactly the previous answer
+        use_gaps = bool(warm is not None and buf["gaps_valid"] and np.array_equal(warm, idx[..., 0]))
+        if warm is not None:
+            warm = np.array(warm, dtype=np.int64)  # idx is overwritten while warm is read
+        else:
+            warm = _NO_WARM_I
+        graph = self._graph if warm.shape[0] else _NO_GRAPH
+        radius = self._radius if warm.shape[0] else _NO_WARM_D
+        partial = buf["partial"][sums]
+        partial[~active] = 0.0
+        buf["hits"][~active] = 0
+        buf["kept"][~active] = 0
+        R, t = np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3])
+        match = (ql, self.lengths, active, warm, buf["gaps"], use_gaps, self._points, graph, radius, *self._grid)
+        scratch = (buf["moved"], idx, buf["seed_i"], buf["seed_d"], buf["counts"], buf["certified"], partial,
+                   buf["hits"], buf["kept"])
+        if sums == 17:
+            if self._reference is None:
+                valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
+                self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]
+            _fused_point_to_point(buf["x"], R, t, buf["w"], *match, buf["source_ref"], self._reference, *scratch)
+        else:
+            _fused_plane(buf["x"], buf["normals"], self._host_normals(target_normals), R, t, buf["w"], *match,
+                         *scratch)
+        # a skipped cloud keeps its old positions, neighbours and gaps, which still agree
+        buf["gaps_valid"] = True
+        if warm.shape[0]:
+            rows = max(int(ql[active].sum()), 1)
+            self.certified_fraction = float(buf["hits"][active].sum()) / rows
+            self.kept_fraction = float(buf["kept"][active].sum()) / rows
+        return partial, idx[..., 0], buf
+
+    def _host_normals(self, normals: Tensor) -> np.ndarray:
+        """Host float64 copy of the target normals ``(B, M, 3)``, kept while the tensor is unmodified."""
+        cache = self._normals_cache
+        if cache is None or cache[0]() is not normals or cache[1] != normals._version:
+            cache = (weakref.ref(normals), normals._version, _host(normals))
+            self._normals_cache = cache
+        return cache[2]
+
     def point_to_point_moments(self, source: Tensor, transform, weights: Tensor, source_lengths: Tensor,
                                warm, neighbors: int = 13, active=None):
         """One fused hard-NN point-to-point ICP pass (no autograd): move ``source`` by
@@ -647,59 +815,19 @@ class BatchGrid:
         call, queries that moved less than half their certified gap keep their neighbour without a
         search (ICP's late iterations); any other ``warm`` is only a guess to certify.
         """
-        B, N, _ = source.shape
-        # the same tensor objects (held weakly: a new tensor in the memory of a freed one is a
-        # different source), unmodified
-        key = (source._version, weights._version, tuple(source.shape))
-        cache = self._source_cache
-        if (cache is None or cache[0] != key or cache[6]() is not source or cache[7]() is not weights
-                or cache[8]() is not source_lengths):
-            # host copies of what stays fixed over an ICP run, and the buffers the pass writes
-            ql = source_lengths.detach().cpu().numpy().astype(np.int64)
-            x = _host(source)
-            valid = (np.arange(N)[None, :] < ql[:, None])[..., None]
-            source_ref = (x * valid).sum(1) / np.maximum(ql, 1)[:, None]
-            chunks = (N + _CHUNK - 1) // _CHUNK
-            buffers = dict(moved=np.zeros((B, N, 3)), seed_i=np.zeros((B, N), dtype=np.int64),
-                           seed_d=np.zeros((B, N)), counts=np.zeros((B, N), dtype=np.int64),
-                           certified=np.ones((B, N), dtype=bool), partial=np.zeros((B, chunks, 17)),
-                           hits=np.zeros((B, chunks), dtype=np.int64), kept=np.zeros((B, chunks), dtype=np.int64),
-                           gaps=np.zeros((B, N)),
-                           idx=np.zeros((B, N, 1), dtype=np.int64), gaps_valid=False)
-            self._source_cache = (key, ql, x, _host(weights), source_ref, buffers, weakref.ref(source),
-                                  weakref.ref(weights), weakref.ref(source_lengths))
-        _, ql, x, w, source_ref, buf = self._source_cache[:6]
-        if self._reference is None:
-            valid = np.arange(self._points.shape[1])[None, :] < self.lengths[:, None]
-            self._reference = (self._points * valid[..., None]).sum(1) / self.lengths[:, None]
-        if active is None:
-            active = np.ones(B, dtype=bool)
-        if warm is not None and self._graph is None:
-            self._build_graph(neighbors)
-        T = transform if isinstance(transform, np.ndarray) else _host(transform)
-        idx = buf["idx"]
-        # the gaps hold for the positions in "moved" and the neighbours in "idx": only when warm is
-        # exactly the previous answer
-        use_gaps = bool(warm is not None and buf["gaps_valid"] and np.array_equal(warm, idx[..., 0]))
-        if warm is not None:
-            warm = np.array(warm, dtype=np.int64)  # idx is overwritten while warm is read
-        graph = self._graph if warm is not None else _NO_GRAPH
-        radius = self._radius if warm is not None else _NO_WARM_D
-        buf["partial"][~active] = 0.0
-        buf["hits"][~active] = 0
-        buf["kept"][~active] = 0
-        _fused_point_to_point(x, np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3]), w, ql,
-                              self.lengths, active, warm if warm is not None else _NO_WARM_I, buf["gaps"],
-                              use_gaps, self._points, graph, radius, *self._grid, source_ref, self._reference,
-                              buf["moved"], idx, buf["seed_i"], buf["seed_d"], buf["counts"], buf["certified"],
-                              buf["partial"], buf["hits"], buf["kept"])
-        # a skipped cloud keeps its old positions, neighbours and gaps, which still agree
-        buf["gaps_valid"] = True
-        if warm is not None:
-            rows = max(int(ql[active].sum()), 1)
-            self.certified_fraction = float(buf["hits"][active].sum()) / rows
-            self.kept_fraction = float(buf["kept"][active].sum()) / rows
-        return buf["partial"], idx[..., 0], source_ref, self._reference
+        partial, idx, buf = self._fused(17, source, transform, weights, source_lengths, warm, neighbors, active)
+        return partial, idx, buf["source_ref"], self._reference
+
+    def plane_normal_equations(self, source: Tensor, transform, weights: Tensor, source_lengths: Tensor,
+                               target_normals: Tensor, warm, neighbors: int = 13, active=None,
+                               source_normals=None):
+        """One fused hard-NN point-to-plane pass, or symmetric with ``source_normals`` (``(B, N,
+        3)``, rotated by ``transform`` inside): match as :meth:`point_to_point_moments` and sum the
+        weighted Gauss-Newton terms. Returns ``(partial sums (B, chunks, 29), indices (B, N))``
+        (layout in :func:`_fused_plane`), buffers that the next call overwrites."""
+        partial, idx, _ = self._fused(_PLANE_SUMS, source, transform, weights, source_lengths, warm, neighbors,
+                                      active, source_normals, target_normals)
+        return partial, idx
 
     def soft_candidates(self, query: Tensor, query_lengths: Tensor, k: int, temperature: np.ndarray,
                         tolerance: float):
