@@ -30,7 +30,7 @@ from .geometry import _SMALL_ANGLE
 from .minimize.linear_solve import _EPS_FLOOR
 from .search.grid import _PLANE_SUMS, _njit
 
-__all__ = ["run_point_to_point", "run_gauss_newton", "conditioning_point_to_point"]
+__all__ = ["run_point_to_point", "run_gauss_newton", "conditioning_point_to_point", "conditioning_gauss_newton"]
 
 
 @_njit()
@@ -97,7 +97,7 @@ def _twist_norms(new, old, out):
 
 @_njit()
 def _gauss_newton_update(partial, active, damping, floor, old, new):
-    """One damped Gauss-Newton step from the sums ``partial (B, chunks, 29)`` of the plane pass,
+    """One damped Gauss-Newton step from the sums ``partial (B, chunks, 32)`` of the plane pass,
     for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = damping |trace A| / 6 +
     floor`` (as :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
     exp(omega) R``, ``t <- exp(omega) t + v``."""
@@ -264,3 +264,35 @@ def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weight
     s3 = np.where(np.linalg.det(U @ Vh) < 0, -S[:, 2], S[:, 2])
     cond = np.where(S[:, 0] > 0, (S[:, 1] + s3) / np.where(S[:, 0] > 0, S[:, 0], 1.0), 0.0)
     return torch.from_numpy(cond)
+
+
+def conditioning_gauss_newton(index, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor,
+                              target_normals: Tensor, source_normals: Optional[Tensor], scale: Tensor) -> Tensor:
+    """The conditioning that :func:`diffcp.icp` checks for Gauss-Newton metrics, from one plane
+    pass at ``transform``: the eigenvalue ratio ``min / max`` of the normal matrix written about
+    the weighted centroid ``c`` of the moved points, with the rotation block scaled by ``1 / scale``
+    (``(B,)``). Centring changes each Jacobian row ``[rot, n]`` to ``[rot - c x n, n] = [rot, n] P``
+    with ``P = [[I, 0], [hat(c), I]]``, so the centred matrix is ``P^T A P``."""
+    grid = index._grid_index()
+    warm = None
+    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
+        warm = index._previous.cpu().numpy()
+    partial, _ = grid.plane_normal_equations(source, transform, weights, source_lengths, target_normals, warm,
+                                             index.warm_neighbors, source_normals=source_normals)
+    m = partial.sum(1)
+    B = m.shape[0]
+    A = np.zeros((B, 6, 6))
+    iu = np.triu_indices(6)
+    A[:, iu[0], iu[1]] = m[:, 1:22]
+    A = A + np.triu(A, 1).transpose(0, 2, 1)
+    tiny = np.finfo(np.float64).tiny
+    c = m[:, 29:32] / np.maximum(m[:, :1], tiny)
+    P = np.tile(np.eye(6), (B, 1, 1))
+    P[:, 3, 1], P[:, 3, 2] = -c[:, 2], c[:, 1]
+    P[:, 4, 0], P[:, 4, 2] = c[:, 2], -c[:, 0]
+    P[:, 5, 0], P[:, 5, 1] = -c[:, 1], c[:, 0]
+    A = P.transpose(0, 2, 1) @ A @ P
+    s = scale.detach().to(device="cpu", dtype=torch.float64).numpy()
+    d = np.concatenate([np.repeat(1 / s[:, None], 3, 1), np.ones((B, 3))], 1)
+    ev = np.linalg.eigvalsh(A * d[:, :, None] * d[:, None, :])
+    return torch.from_numpy(ev[:, 0] / np.maximum(ev[:, -1], tiny))

@@ -50,7 +50,7 @@ from .geometry import (
     transform_points,
     twist_between,
 )
-from .fused import conditioning_point_to_point, run_gauss_newton, run_point_to_point
+from .fused import conditioning_gauss_newton, conditioning_point_to_point, run_gauss_newton, run_point_to_point
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
 from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments
@@ -578,6 +578,12 @@ def _warn_if_ambiguous(p: _Problem, T: Tensor, scale: Tensor) -> None:
         if p.fused and bool((p.source_weights.sum(1) > 0).all()):
             cond = conditioning_point_to_point(p.index, p.source, T, p.source_weights, p.source_lengths)
             _warn_ambiguous(cond < 1e-6)
+            return
+        if p.fused_linear:
+            cond = conditioning_gauss_newton(p.index, p.source, T, p.source_weights, p.source_lengths,
+                                             p.target_normals, p.source_normals if p.metric == "symmetric" else None,
+                                             scale)
+            _warn_ambiguous(cond < 1e-9)
             return
         R, _ = split_transform(T)
         y = transform_points(T, p.source)

@@ -303,3 +303,35 @@ def test_target_normals_are_copied_again_when_modified_in_place():
     np.testing.assert_allclose(second[..., 22:28], 4 * first[..., 22:28], rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         diffcp.icp(src, tgt, target_normals=tn, **kwargs)
+
+
+@pytest.mark.parametrize("metric", ["point_to_plane", "symmetric"])
+def test_compiled_gauss_newton_conditioning_equals_the_general_one_and_warns_on_a_plane(metric):
+    from diffcp.minimize.gauss_newton import normal_equations
+
+    src, sn, slen, tgt, tn, tlen = _plane_problem(seed=15)
+    index = diffcp.NearestNeighborIndex(tgt, tlen, backend="grid")
+    weights = (torch.arange(700)[None] < slen[:, None]).double()
+    T = random_transform(3, max_angle=0.1, max_translation=0.1, generator=torch.Generator().manual_seed(5),
+                         dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    normals = sn if metric == "symmetric" else None
+    got = fused.conditioning_gauss_newton(index, src, T, weights, slen, tn, normals, scale)
+    # the general computation, as diffcp.icp does it without the compiled loop
+    y = diffcp.geometry.transform_points(T, src)
+    nn = diffcp.knn(y, tgt, slen, tlen, backend="tree").indices
+    q, nq = (torch.gather(a, 1, nn.expand(-1, -1, 3)) for a in (tgt, tn))
+    ny = diffcp.geometry.rotate_vectors(T[:, :3, :3], sn) if normals is not None else None
+    c = (y * weights[..., None]).sum(1) / weights.sum(1)[:, None]
+    A, _, _ = normal_equations(metric, y - c[:, None], q - c[:, None], weights, target_normals=nq, source_normals=ny)
+    d = torch.cat([1 / scale[:, None].expand(-1, 3), torch.ones(3, 3, dtype=torch.float64)], 1)
+    ev = torch.linalg.eigvalsh(A * d[:, :, None] * d[:, None, :])
+    torch.testing.assert_close(got, ev[:, 0] / ev[:, -1], rtol=1e-7, atol=1e-12)
+
+    g = torch.Generator().manual_seed(6)
+    plane = torch.rand(2, 500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(2, 500, 3)
+    extra = dict(source_normals=up) if metric == "symmetric" else {}
+    with pytest.warns(RuntimeWarning, match="ambiguous for batch elements \\[0, 1\\]"):
+        diffcp.icp(plane + 0.01, plane, target_normals=up, metric=metric, solver="linear", search_backend="grid",
+                   max_iterations=3, **extra)

@@ -522,8 +522,9 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
         out[12], out[13], out[14], out[15], out[16] = a12, a13, a14, a15, a16
 
 
-# Layout of the plane passes' sums: weight, the upper triangle of J^T W J (row by row), J^T W r, W r^2.
-_PLANE_SUMS = 29
+# Layout of the plane passes' sums: weight, the upper triangle of J^T W J (row by row), J^T W r, W r^2,
+# W y (the weighted sum of the moved points).
+_PLANE_SUMS = 32
 
 
 @_njit(parallel=True)
@@ -533,8 +534,8 @@ def _fused_plane(source, source_normals, target_normals, rotation, translation, 
                  kept_rows):
     """One hard-NN pass of point-to-plane (``source_normals`` empty) or symmetric ICP: match as
     :func:`_fused_point_to_point` and add each pair's Gauss-Newton terms to ``partial[b, chunk]``
-    (29 values: ``sum w``, the 21 entries ``A_ik, i <= k`` of ``A = sum w J^T J`` row by row,
-    ``sum w J^T r`` and ``sum w r^2``), with the residual and Jacobian row of
+    (32 values: ``sum w``, the 21 entries ``A_ik, i <= k`` of ``A = sum w J^T J`` row by row,
+    ``sum w J^T r``, ``sum w r^2`` and ``sum w y``), with the residual and Jacobian row of
     :mod:`diffcp.minimize.residuals`: ``d = y - q``, ``n = n_q`` (point-to-plane) or
     ``n_y + n_q`` with ``n_y = R n_s`` (symmetric), ``r = d . n``, ``J = [y x n (+ n_y x d), n]``."""
     B, N = source.shape[0], source.shape[1]
@@ -591,6 +592,9 @@ def _fused_plane(source, source_normals, target_normals, rotation, translation, 
                     v += 1
                 acc[22 + i] += wj * r
             acc[28] += w * r * r
+            acc[29] += w * y0
+            acc[30] += w * y1
+            acc[31] += w * y2
         for v in range(_PLANE_SUMS):
             partial[b, task - b * chunks, v] = acc[v]
 
@@ -823,7 +827,7 @@ class BatchGrid:
                                source_normals=None):
         """One fused hard-NN point-to-plane pass, or symmetric with ``source_normals`` (``(B, N,
         3)``, rotated by ``transform`` inside): match as :meth:`point_to_point_moments` and sum the
-        weighted Gauss-Newton terms. Returns ``(partial sums (B, chunks, 29), indices (B, N))``
+        weighted Gauss-Newton terms. Returns ``(partial sums (B, chunks, 32), indices (B, N))``
         (layout in :func:`_fused_plane`), buffers that the next call overwrites."""
         partial, idx, _ = self._fused(_PLANE_SUMS, source, transform, weights, source_lengths, warm, neighbors,
                                       active, source_normals, target_normals)
