@@ -151,12 +151,24 @@ def _round_to(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return torch.from_numpy(a).to(dtype).double().numpy()
 
 
+# Clouds are registered in groups whose working set (host copies, buffers, target points and their
+# neighbour graph: about 72 N + 136 M bytes per cloud) stays within this many bytes, all iterations
+# of one group before the next: every pass then finds its data in the cache. Clouds are independent,
+# so the results do not depend on the grouping.
+GROUP_BYTES = 8 * 2**20
+
+
+def _group_size(B: int, N: int, M: int) -> int:
+    return int(max(1, min(B, GROUP_BYTES // (72 * N + 136 * M))))
+
+
 def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale):
-    """The freezing loop of :func:`diffcp.icp` on float64 host arrays; ``pass_and_update(T, warm,
-    active, T_new)`` runs one fused pass, writes the updated transforms of the active clouds into
-    ``T_new`` and returns ``(indices, weight sums (B,), weighted squared residual sums (B,))``."""
+    """The freezing loop of :func:`diffcp.icp` on float64 host arrays, group of clouds by group
+    (:data:`GROUP_BYTES`); ``pass_and_update(T, warm, active, T_new)`` runs one fused pass, writes
+    the updated transforms of the active clouds into ``T_new`` and returns ``(indices, weight sums
+    (B,), weighted squared residual sums (B,))``."""
     dtype, device = source.dtype, source.device
-    B = source.shape[0]
+    B, N = source.shape[:2]
     T = _round_to(init.detach().to(device="cpu", dtype=torch.float64).numpy().copy(), dtype)
     T_new = T.copy()
     trans_tol = tolerance * scale.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -164,34 +176,45 @@ def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, 
     converged = np.zeros(B, dtype=bool)
     count = np.zeros(B, dtype=np.int64)
     norms = np.zeros((B, 2))
-    errors = []
-    warm = None
-    if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
-        warm = index._previous.cpu().numpy()
-    for _ in range(iterations):
-        active = ~converged
-        idx, w_sum, r2_sum = pass_and_update(T, warm, active, T_new)
-        warm = idx if index.warm_start else None
-        T_new[active] = _round_to(T_new[active], dtype)
-        _twist_norms(T_new, T, norms)
-        # the cost at the current transform, as the general step reports it
-        err = _round_to(np.sqrt(r2_sum / np.maximum(w_sum, tiny)), dtype)
-        if errors:
-            err = np.where(converged, errors[-1], err)
-        small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
-        T[active] = T_new[active]
-        count += active
-        converged |= small & active
-        errors.append(err)
-        if converged.all():
-            break
+    errors = np.zeros((B, iterations))
+    columns = 0
+    first_warm = None
+    if index.warm_start and index._previous is not None and index._previous.shape == (B, N):
+        first_warm = index._previous.cpu().numpy().copy()
+    warm = first_warm
+    step = _group_size(B, N, index.points.shape[1])
+    for start in range(0, B, step):
+        group = np.zeros(B, dtype=bool)
+        group[start:start + step] = True
+        warm = first_warm  # only a guess for this group's first pass
+        last = -1
+        for it in range(iterations):
+            active = group & ~converged
+            idx, w_sum, r2_sum = pass_and_update(T, warm, active, T_new)
+            warm = idx if index.warm_start else None
+            T_new[active] = _round_to(T_new[active], dtype)
+            _twist_norms(T_new, T, norms)
+            # the cost at the current transform, as the general step reports it; frozen clouds repeat theirs
+            err = _round_to(np.sqrt(r2_sum / np.maximum(w_sum, tiny)), dtype)
+            if it > 0:
+                err = np.where(converged, errors[:, it - 1], err)
+            errors[group, it] = err[group]
+            small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
+            T[active] = T_new[active]
+            count += active
+            converged |= small & active
+            last = it
+            if converged[group].all():
+                break
+        if last >= 0:
+            errors[group, last + 1:] = errors[group, last][:, None]
+        columns = max(columns, last + 1)
     if warm is not None:
-        index._previous = torch.from_numpy(warm.copy())
+        index._previous = torch.from_numpy(np.array(warm))
         index.certified_fraction = index._grid_index().certified_fraction
     to = dict(device=device)
-    errs = torch.from_numpy(np.stack(errors, 1)).to(dtype=dtype, **to) if errors else torch.zeros(B, 0, dtype=dtype, **to)
     return (torch.from_numpy(T).to(dtype=dtype, **to), torch.from_numpy(converged).to(**to),
-            torch.from_numpy(count).to(**to), errs)
+            torch.from_numpy(count).to(**to), torch.from_numpy(errors[:, :columns].copy()).to(dtype=dtype, **to))
 
 
 def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: Tensor, init: Tensor,

@@ -335,3 +335,26 @@ def test_compiled_gauss_newton_conditioning_equals_the_general_one_and_warns_on_
     with pytest.warns(RuntimeWarning, match="ambiguous for batch elements \\[0, 1\\]"):
         diffcp.icp(plane + 0.01, plane, target_normals=up, metric=metric, solver="linear", search_backend="grid",
                    max_iterations=3, **extra)
+
+
+@pytest.mark.parametrize("metric", ["point_to_point", "point_to_plane"])
+def test_results_do_not_depend_on_the_grouping_of_clouds(monkeypatch, metric):
+    src, sn, slen, tgt, tn, tlen = _plane_problem(seed=16)
+    kwargs = dict(source_lengths=slen, target_lengths=tlen, max_iterations=30, tolerance=1e-6, search_backend="grid")
+    if metric == "point_to_plane":
+        kwargs.update(target_normals=tn, metric=metric, solver="linear")
+    with torch.no_grad():
+        monkeypatch.setattr(fused, "GROUP_BYTES", 1)  # one cloud at a time
+        assert fused._group_size(3, 700, 720) == 1
+        one = diffcp.icp(src, tgt, **kwargs)
+        monkeypatch.setattr(fused, "GROUP_BYTES", 2**40)  # all at once
+        assert fused._group_size(3, 700, 720) == 3
+        together = diffcp.icp(src, tgt, **kwargs)
+        slow = diffcp.icp(src, tgt, **{**kwargs, "search_backend": "tree"})
+    assert len(set(together.iterations.tolist())) > 1  # frozen clouds repeat their last error
+    for out in (one, slow):
+        assert torch.equal(out.iterations, together.iterations)
+        assert torch.equal(out.converged, together.converged)
+        assert out.errors.shape == together.errors.shape
+        torch.testing.assert_close(out.transform, together.transform, rtol=0, atol=1e-9)
+        torch.testing.assert_close(out.errors, together.errors, rtol=1e-9, atol=1e-12)

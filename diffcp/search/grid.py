@@ -441,12 +441,12 @@ def _match_chunk(b, start, stop, source, rotation, translation, query_lengths, p
 
 
 @_njit(parallel=True)
-def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, active, warm, gaps,
+def _fused_point_to_point(source, rotation, translation, weights, query_lengths, point_lengths, clouds, warm, gaps,
                           use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts, local,
                           source_ref, target_ref, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified,
                           partial, certified_rows, kept_rows):
-    """One hard-NN point-to-point ICP pass in one parallel region, chunk by chunk of each active
-    cloud (``active (B,)`` bool): move the source (``moved = R x + t``), find every exact nearest
+    """One hard-NN point-to-point ICP pass in one parallel region, chunk by chunk of the clouds
+    listed in ``clouds`` (int64 indices; the tasks are spread evenly over the threads): move the source (``moved = R x + t``), find every exact nearest
     neighbour into ``idx`` and add the pairs to the chunk's weighted moments ``partial[b, chunk]``
     (``[sum w, sum w x', sum w q', sum w q' x'^T`` row-major, ``sum w |y - q|^2]``, 17 values,
     with ``x' = x - source_ref[b]`` and ``q' = q - target_ref[b]``).
@@ -468,17 +468,16 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
     """
     B, N = source.shape[0], source.shape[1]
     chunks = (N + _CHUNK - 1) // _CHUNK
-    for task in numba.prange(B * chunks):
-        b = task // chunks
-        if not active[b]:
-            continue
-        start = (task - b * chunks) * _CHUNK
+    for task in numba.prange(clouds.shape[0] * chunks):
+        b = clouds[task // chunks]
+        chunk = task % chunks
+        start = chunk * _CHUNK
         stop = min(query_lengths[b], start + _CHUNK)
         hits, kept = _match_chunk(b, start, stop, source, rotation, translation, query_lengths, point_lengths, warm,
                                   gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start,
                                   pts, local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified)
-        certified_rows[b, task - b * chunks] = hits
-        kept_rows[b, task - b * chunks] = kept
+        certified_rows[b, chunk] = hits
+        kept_rows[b, chunk] = kept
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = a16 = 0.0
         s0, s1, s2 = source_ref[b, 0], source_ref[b, 1], source_ref[b, 2]
         r0, r1, r2 = target_ref[b, 0], target_ref[b, 1], target_ref[b, 2]
@@ -516,7 +515,7 @@ def _fused_point_to_point(source, rotation, translation, weights, query_lengths,
             e1 = moved[b, n, 1] - points[b, j, 1]
             e2 = moved[b, n, 2] - points[b, j, 2]
             a16 += w * (e0 * e0 + e1 * e1 + e2 * e2)
-        out = partial[b, task - b * chunks]
+        out = partial[b, chunk]
         out[0], out[1], out[2], out[3], out[4], out[5] = a0, a1, a2, a3, a4, a5
         out[6], out[7], out[8], out[9], out[10], out[11] = a6, a7, a8, a9, a10, a11
         out[12], out[13], out[14], out[15], out[16] = a12, a13, a14, a15, a16
@@ -529,7 +528,7 @@ _PLANE_SUMS = 32
 
 @_njit(parallel=True)
 def _fused_plane(source, source_normals, target_normals, rotation, translation, weights, query_lengths, point_lengths,
-                 active, warm, gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts,
+                 clouds, warm, gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start, pts,
                  local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified, partial, certified_rows,
                  kept_rows):
     """One hard-NN pass of point-to-plane (``source_normals`` empty) or symmetric ICP: match as
@@ -541,17 +540,16 @@ def _fused_plane(source, source_normals, target_normals, rotation, translation, 
     B, N = source.shape[0], source.shape[1]
     chunks = (N + _CHUNK - 1) // _CHUNK
     symmetric = source_normals.shape[0] > 0
-    for task in numba.prange(B * chunks):
-        b = task // chunks
-        if not active[b]:
-            continue
-        start = (task - b * chunks) * _CHUNK
+    for task in numba.prange(clouds.shape[0] * chunks):
+        b = clouds[task // chunks]
+        chunk = task % chunks
+        start = chunk * _CHUNK
         stop = min(query_lengths[b], start + _CHUNK)
         hits, kept = _match_chunk(b, start, stop, source, rotation, translation, query_lengths, point_lengths, warm,
                                   gaps, use_gaps, points, graph, radius, origin, edge, dims, cell_offset, cell_start,
                                   pts, local, moved, idx, seed_i, seed_d, scratch_counts, scratch_certified)
-        certified_rows[b, task - b * chunks] = hits
-        kept_rows[b, task - b * chunks] = kept
+        certified_rows[b, chunk] = hits
+        kept_rows[b, chunk] = kept
         acc = np.zeros(_PLANE_SUMS)
         J = np.empty(6)
         for n in range(start, stop):
@@ -596,7 +594,7 @@ def _fused_plane(source, source_normals, target_normals, rotation, translation, 
             acc[30] += w * y1
             acc[31] += w * y2
         for v in range(_PLANE_SUMS):
-            partial[b, task - b * chunks, v] = acc[v]
+            partial[b, chunk, v] = acc[v]
 
 
 @_njit(parallel=True)
@@ -749,6 +747,7 @@ class BatchGrid:
                 hits=np.zeros((B, chunks), dtype=np.int64), kept=np.zeros((B, chunks), dtype=np.int64),
                 gaps=np.zeros((B, N)), idx=np.zeros((B, N, 1), dtype=np.int64), gaps_valid=False,
             )
+            cache["returned"] = cache["idx"][..., 0]  # the indices handed out: a view of idx
             self._source_cache = cache
         return cache
 
@@ -762,14 +761,16 @@ class BatchGrid:
         if warm is not None and self._graph is None:
             self._build_graph(neighbors)
         T = transform if isinstance(transform, np.ndarray) else _host(transform)
-        idx = buf["idx"]
+        idx, returned = buf["idx"], buf["returned"]
         # the gaps hold for the positions in "moved" and the neighbours in "idx": only when warm is
-        # exactly the previous answer
-        use_gaps = bool(warm is not None and buf["gaps_valid"] and np.array_equal(warm, idx[..., 0]))
-        if warm is not None:
-            warm = np.array(warm, dtype=np.int64)  # idx is overwritten while warm is read
+        # exactly the previous answer (the very array returned last time, or equal to it). The pass
+        # reads each row's guess before it writes that row's answer, so warm may be that array.
+        if warm is None:
+            warm, use_gaps = _NO_WARM_I, False
         else:
-            warm = _NO_WARM_I
+            use_gaps = buf["gaps_valid"] and (warm is returned or np.array_equal(warm, returned))
+            if warm is not returned:
+                warm = np.ascontiguousarray(warm, dtype=np.int64)
         graph = self._graph if warm.shape[0] else _NO_GRAPH
         radius = self._radius if warm.shape[0] else _NO_WARM_D
         partial = buf["partial"][sums]
@@ -777,7 +778,7 @@ class BatchGrid:
         buf["hits"][~active] = 0
         buf["kept"][~active] = 0
         R, t = np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3])
-        match = (ql, self.lengths, active, warm, buf["gaps"], use_gaps, self._points, graph, radius, *self._grid)
+        match = (ql, self.lengths, np.flatnonzero(active), warm, buf["gaps"], use_gaps, self._points, graph, radius, *self._grid)
         scratch = (buf["moved"], idx, buf["seed_i"], buf["seed_d"], buf["counts"], buf["certified"], partial,
                    buf["hits"], buf["kept"])
         if sums == 17:
@@ -794,7 +795,7 @@ class BatchGrid:
             rows = max(int(ql[active].sum()), 1)
             self.certified_fraction = float(buf["hits"][active].sum()) / rows
             self.kept_fraction = float(buf["kept"][active].sum()) / rows
-        return partial, idx[..., 0], buf
+        return partial, returned, buf
 
     def _host_normals(self, normals: Tensor) -> np.ndarray:
         """Host float64 copy of the target normals ``(B, M, 3)``, kept while the tensor is unmodified."""
