@@ -145,9 +145,11 @@ def _gauss_newton_update(partial, active, damping, floor, old, new):
 
 
 def _round_to(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``a`` rounded to ``dtype`` (kept in float64), as ``tensor.to(dtype)`` would."""
+    """``a`` rounded to ``dtype`` (kept in float64), as ``tensor.to(dtype)`` would (round to nearest even)."""
     if dtype == torch.float64:
         return a
+    if dtype == torch.float32:
+        return a.astype(np.float32).astype(np.float64)
     return torch.from_numpy(a).to(dtype).double().numpy()
 
 
