@@ -144,6 +144,40 @@ def _gauss_newton_update(partial, active, damping, floor, old, new):
         new[b, 3, 3] = 1.0
 
 
+@_njit()
+def _advance(T, T_new, active, group, converged, count, errors, it, w_sum, r2_sum, tolerance, trans_tol, tiny,
+             single):
+    """The bookkeeping of one iteration of the freezing loop for the clouds of ``group``: round the
+    active clouds' new transforms to float32 when ``single``, test convergence on the twist between
+    the old and the new transform (as :func:`_twist_norms`), record the cost at the old transform
+    (frozen clouds repeat their last one), take the new transforms, count the iteration. Returns
+    whether every cloud of the group has converged."""
+    B = T.shape[0]
+    norms = np.empty((1, 2))
+    done = True
+    for b in range(B):
+        if not group[b]:
+            continue
+        if active[b]:
+            if single:
+                for i in range(4):
+                    for k in range(4):
+                        T_new[b, i, k] = np.float64(np.float32(T_new[b, i, k]))
+            _twist_norms(T_new[b:b + 1], T[b:b + 1], norms)
+            err = math.sqrt(r2_sum[b] / max(w_sum[b], tiny))
+            errors[b, it] = np.float64(np.float32(err)) if single else err
+            for i in range(4):
+                for k in range(4):
+                    T[b, i, k] = T_new[b, i, k]
+            count[b] += 1
+            if norms[0, 0] <= tolerance and norms[0, 1] <= trans_tol[b]:
+                converged[b] = True
+        elif it > 0:
+            errors[b, it] = errors[b, it - 1]
+        done = done and converged[b]
+    return done
+
+
 def _round_to(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """``a`` rounded to ``dtype`` (kept in float64), as ``tensor.to(dtype)`` would (round to nearest even)."""
     if dtype == torch.float64:
@@ -175,9 +209,11 @@ def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, 
     T_new = T.copy()
     trans_tol = tolerance * scale.detach().to(device="cpu", dtype=torch.float64).numpy()
     tiny = torch.finfo(dtype).tiny ** 0.5
+    if dtype not in (torch.float32, torch.float64):
+        return None  # the general loop rounds to other dtypes
+    single = dtype == torch.float32
     converged = np.zeros(B, dtype=bool)
     count = np.zeros(B, dtype=np.int64)
-    norms = np.zeros((B, 2))
     errors = np.zeros((B, iterations))
     columns = 0
     first_warm = None
@@ -194,19 +230,9 @@ def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, 
             active = group & ~converged
             idx, w_sum, r2_sum = pass_and_update(T, warm, active, T_new)
             warm = idx if index.warm_start else None
-            T_new[active] = _round_to(T_new[active], dtype)
-            _twist_norms(T_new, T, norms)
-            # the cost at the current transform, as the general step reports it; frozen clouds repeat theirs
-            err = _round_to(np.sqrt(r2_sum / np.maximum(w_sum, tiny)), dtype)
-            if it > 0:
-                err = np.where(converged, errors[:, it - 1], err)
-            errors[group, it] = err[group]
-            small = (norms[:, 0] <= tolerance) & (norms[:, 1] <= trans_tol)
-            T[active] = T_new[active]
-            count += active
-            converged |= small & active
             last = it
-            if converged[group].all():
+            if _advance(T, T_new, active, group, converged, count, errors, it, w_sum, r2_sum, tolerance, trans_tol,
+                        tiny, single):
                 break
         if last >= 0:
             errors[group, last + 1:] = errors[group, last][:, None]

@@ -658,8 +658,8 @@ class BatchGrid:
         self._source_cache = None  # host copies and buffers of the fused passes
         self._normals_cache = None  # host copy of the target normals of the plane passes
         self._soft_seed = None  # (B, N) nearest indices of the last soft_candidates call
-        self.certified_fraction = None  # of the last warm query (diagnostics)
-        self.kept_fraction = None  # of the last fused pass: rows that kept their neighbour unsearched
+        self._certified_fraction = None  # of the last warm query (diagnostics)
+        self._last_pass = None  # (buffers, clouds) of the last warm fused pass, for the diagnostics
 
     def _build_graph(self, neighbors: int) -> None:
         """Each point's ``neighbors`` nearest (itself included) and the radius they cover."""
@@ -710,7 +710,8 @@ class BatchGrid:
         if rest.size:
             _query(rest, q, ql, self.lengths, *self._grid, 1, _NO_TEMPERATURE, 0.0, out[..., 0], best_d2, out,
                    np.zeros((B, N), dtype=np.int64), np.ones((B, N), dtype=bool))
-        self.certified_fraction = 1.0 - rest.size / max(int(ql.sum()), 1)
+        self._certified_fraction = 1.0 - rest.size / max(int(ql.sum()), 1)
+        self._last_pass = None
         return out
 
     def warm_query(self, query: Tensor, query_lengths: Tensor, warm: Tensor, neighbors: int = 13) -> Tensor:
@@ -774,11 +775,14 @@ class BatchGrid:
         graph = self._graph if warm.shape[0] else _NO_GRAPH
         radius = self._radius if warm.shape[0] else _NO_WARM_D
         partial = buf["partial"][sums]
-        partial[~active] = 0.0
-        buf["hits"][~active] = 0
-        buf["kept"][~active] = 0
+        clouds = np.flatnonzero(active)
+        if clouds.size < B:
+            idle = ~active
+            partial[idle] = 0.0
+            buf["hits"][idle] = 0
+            buf["kept"][idle] = 0
         R, t = np.ascontiguousarray(T[:, :3, :3]), np.ascontiguousarray(T[:, :3, 3])
-        match = (ql, self.lengths, np.flatnonzero(active), warm, buf["gaps"], use_gaps, self._points, graph, radius, *self._grid)
+        match = (ql, self.lengths, clouds, warm, buf["gaps"], use_gaps, self._points, graph, radius, *self._grid)
         scratch = (buf["moved"], idx, buf["seed_i"], buf["seed_d"], buf["counts"], buf["certified"], partial,
                    buf["hits"], buf["kept"])
         if sums == 17:
@@ -791,11 +795,27 @@ class BatchGrid:
                          *scratch)
         # a skipped cloud keeps its old positions, neighbours and gaps, which still agree
         buf["gaps_valid"] = True
-        if warm.shape[0]:
-            rows = max(int(ql[active].sum()), 1)
-            self.certified_fraction = float(buf["hits"][active].sum()) / rows
-            self.kept_fraction = float(buf["kept"][active].sum()) / rows
+        self._last_pass = (buf, clouds) if warm.shape[0] else None
         return partial, returned, buf
+
+    @property
+    def certified_fraction(self):
+        """Fraction of the query rows of the last warm query or fused pass settled without a grid
+        search (kept or certified); None before any warm query. Diagnostics."""
+        if self._last_pass is not None:
+            buf, clouds = self._last_pass
+            rows = max(int(buf["ql"][clouds].sum()), 1)
+            return float(buf["hits"][clouds].sum()) / rows
+        return self._certified_fraction
+
+    @property
+    def kept_fraction(self):
+        """Fraction of the query rows of the last warm fused pass that kept their neighbour without
+        any search; None before any. Diagnostics."""
+        if self._last_pass is None:
+            return None
+        buf, clouds = self._last_pass
+        return float(buf["kept"][clouds].sum()) / max(int(buf["ql"][clouds].sum()), 1)
 
     def _host_normals(self, normals: Tensor) -> np.ndarray:
         """Host float64 copy of the target normals ``(B, M, 3)``, kept while the tensor is unmodified."""
