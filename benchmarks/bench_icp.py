@@ -186,28 +186,29 @@ def run_diffcp(method, src, tgt, nrm, temperature, device):
     n = torch.from_numpy(nrm).to(device)
     if method == "diffcp_nn_p2p":
         with torch.no_grad():
-            out = diffcp.icp(s, q, max_iterations=HARD_ITERATIONS, tolerance=0.0)
+            out = diffcp.icp(s, q, stopping=diffcp.Stopping(max_iterations=HARD_ITERATIONS, tolerance=0.0))
     elif method == "diffcp_nn_p2p_tree":
         with torch.no_grad():
-            out = diffcp.icp(s, q, max_iterations=HARD_ITERATIONS, tolerance=0.0, search_backend="tree")
+            out = diffcp.icp(s, q, correspondence=diffcp.NearestNeighbor(backend="tree"),
+                             stopping=diffcp.Stopping(max_iterations=HARD_ITERATIONS, tolerance=0.0))
     elif method == "diffcp_nn_p2l_linear":
         with torch.no_grad():
-            out = diffcp.icp(s, q, target_normals=n, metric="point_to_plane", solver="linear",
-                             max_iterations=HARD_ITERATIONS, tolerance=0.0)
+            out = diffcp.icp(s, q, target_normals=n, metric="point_to_plane", solver="gauss_newton",
+                             stopping=diffcp.Stopping(max_iterations=HARD_ITERATIONS, tolerance=0.0))
     elif method == "diffcp_nn_p2l_lm":
         with torch.no_grad():
-            out = diffcp.icp(s, q, target_normals=n, metric="point_to_plane", solver="lm",
-                             max_iterations=HARD_ITERATIONS, tolerance=0.0)
+            out = diffcp.icp(s, q, target_normals=n, metric="point_to_plane", solver="levenberg_marquardt",
+                             stopping=diffcp.Stopping(max_iterations=HARD_ITERATIONS, tolerance=0.0))
     elif method == "diffcp_soft_fwd":
         with torch.no_grad():
-            out = diffcp.icp(s, q, correspondence="soft_nn", temperature=temperature,
-                             max_iterations=SOFT_ITERATIONS, tolerance=0.0)
+            out = diffcp.icp(s, q, correspondence=diffcp.SoftNearestNeighbor(temperature=temperature),
+                             stopping=diffcp.Stopping(max_iterations=SOFT_ITERATIONS, tolerance=0.0))
     elif method in ("diffcp_soft_fwdbwd", "diffcp_soft_fwdbwd_attention"):
         s.requires_grad_(True)
         q.requires_grad_(True)
         backend = "attention" if method.endswith("attention") else "auto"
-        out = diffcp.icp(s, q, correspondence="soft_nn", temperature=temperature,
-                         max_iterations=SOFT_ITERATIONS, tolerance=0.0, soft_backend=backend)
+        out = diffcp.icp(s, q, correspondence=diffcp.SoftNearestNeighbor(temperature=temperature, backend=backend),
+                         stopping=diffcp.Stopping(max_iterations=SOFT_ITERATIONS, tolerance=0.0))
         (out.transform * _loss_weights(device)).sum().backward()
         assert s.grad is not None and bool(torch.isfinite(s.grad).all())
     else:
@@ -420,7 +421,8 @@ def soft_memory_worker(N: int, backward: bool, device_name: str, backend: str = 
         mem = (_status_kb("VmHWM") - base) / 1024
     dt = time.perf_counter() - t0
     dense_gb = N * N * 4 / 2**30
-    return {"N": N, "backward": backward, "backend": backend, "time_s": dt, "peak_mem_mb": round(mem, 1), "dense_matrix_gb": round(dense_gb, 2),
+    return {"N": N, "backward": backward, "backend": backend, "time_s": dt, "peak_mem_mb": round(mem, 1),
+            "dense_matrix_gb": round(dense_gb, 2),
             "finite": bool(torch.isfinite(c.points).all())}
 
 
@@ -498,7 +500,8 @@ def main():
                         help="torch, numba and OpenMP (Open3D) threads per worker (default: every core); "
                              "use 1 on a loaded machine, where threads waiting at barriers collapse. "
                              "SciPy's tree queries use every core in any case")
-    parser.add_argument("--device", default=None, help="torch device for diffcp and torch peers (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for diffcp and torch peers (default: cuda if available)")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -663,7 +666,8 @@ def main():
         "settings": {
             "hard_iterations": HARD_ITERATIONS, "soft_iterations": SOFT_ITERATIONS, "tolerance": 0.0,
             "max_angle_deg": MAX_ANGLE_DEG, "max_translation": MAX_TRANSLATION, "seed": SEED,
-            "dtype": "float32", "limit_s": args.limit, "threads": THREADS, "surface": "bumpy ellipsoid, source and target sampled independently",
+            "dtype": "float32", "limit_s": args.limit, "threads": THREADS,
+            "surface": "bumpy ellipsoid, source and target sampled independently",
             "timing": "median of up to 3 runs after a warm-up, total seconds for the batch",
             "load_average_start": round(load_start[0], 2), "load_average_end": round(load_end[0], 2),
         },

@@ -13,7 +13,9 @@ The pipeline, one module per step (see ``ARCHITECTURE.md``):
 - step 4, :mod:`diffcp.reject`: hard and soft rejection;
 - step 5, :mod:`diffcp.minimize`: Procrustes, Gauss-Newton and Levenberg-Marquardt for the
   point-to-point, point-to-plane and symmetric metrics;
-- :func:`diffcp.icp` composes them, with ``unroll``, ``truncated`` and ``implicit`` backward modes.
+- :func:`diffcp.icp` composes them, with ``unroll``, ``truncated`` and ``implicit`` backward modes;
+  :class:`diffcp.ICP` is the same as a ``torch.nn.Module`` with learnable temperatures;
+- :mod:`diffcp.settings`: which ICP, as immutable data (one option per step, JSON round trip).
 """
 
 from .camera import backproject, depth_to_points, intrinsics_matrix, normals_from_depth, project
@@ -41,6 +43,7 @@ from .geometry import (
     twist_between,
 )
 from .icp import ICPResult, icp
+from .layer import ICP
 from .minimize.gauss_newton import gauss_newton_step
 from .minimize.levenberg_marquardt import LMResult, levenberg_marquardt
 from .minimize.linear_solve import damped_solve
@@ -49,6 +52,25 @@ from .minimize.residuals import residuals, residuals_and_jacobian, weighted_cost
 from .normals import estimate_normals
 from .reject import reject_by_distance, reject_by_normal_angle
 from .search import KNN, NearestNeighborIndex, SoftMatch, knn, soft_nearest
+from .settings import (
+    DistanceRejection,
+    DistanceWeights,
+    GaussNewtonSolver,
+    ICPSettings,
+    ImplicitBackward,
+    LevenbergMarquardtSolver,
+    NearestNeighbor,
+    NormalAngleRejection,
+    NormalWeights,
+    ProcrustesSolver,
+    ProjectiveAssociation,
+    RandomSelection,
+    RobustKernel,
+    SoftNearestNeighbor,
+    Stopping,
+    TruncatedBackward,
+    UnrollBackward,
+)
 from .select import select_all, select_mask, select_random
 from .weight import distance_weights, normal_weights, robust_weights
 
@@ -56,7 +78,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the loop
-    "icp", "ICPResult",
+    "icp", "ICP", "ICPResult",
+    # the settings, one option per step
+    "ICPSettings", "NearestNeighbor", "SoftNearestNeighbor", "ProjectiveAssociation",
+    "ProcrustesSolver", "GaussNewtonSolver", "LevenbergMarquardtSolver",
+    "DistanceWeights", "NormalWeights", "RobustKernel", "DistanceRejection", "NormalAngleRejection",
+    "RandomSelection", "Stopping", "UnrollBackward", "TruncatedBackward", "ImplicitBackward",
     # step 1
     "select_all", "select_random", "select_mask",
     # step 2

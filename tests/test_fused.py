@@ -122,7 +122,8 @@ def test_procrustes_from_moments_compiled_equals_the_torch_version():
     want = procrustes_from_moments(moments[:, 0], moments[:, 1:4], moments[:, 4:7], moments[:, 7:16].reshape(B, 3, 3),
                                    sref, tref)
     out = np.zeros((B, 4, 4))
-    fused._procrustes_moments(moments.numpy()[:, None, :].copy(), sref.numpy(), tref.numpy(), np.ones(B, dtype=bool), out)
+    fused._procrustes_moments(moments.numpy()[:, None, :].copy(), sref.numpy(), tref.numpy(), np.ones(B, dtype=bool),
+                              out)
     torch.testing.assert_close(torch.from_numpy(out), make_transform(*want), rtol=0, atol=1e-12)
     assert np.linalg.det(out[1, :3, :3]) == pytest.approx(1.0)
     skipped = np.full((B, 4, 4), 7.0)
@@ -147,7 +148,8 @@ def test_twist_norms_equal_twist_between(angle):
 
 def _grid_problem(B=4, N=600, seed=11):
     g = torch.Generator().manual_seed(seed)
-    target = torch.rand(B, N, 3, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    target = torch.rand(B, N, 3, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5],
+                        dtype=torch.float64)
     T = random_transform(B, max_angle=0.15, max_translation=0.05, generator=g, dtype=torch.float64)
     source = diffcp.geometry.transform_points(diffcp.geometry.invert_transform(T), target[:, : N - 50])
     source = source + 0.003 * torch.randn(source.shape, generator=g, dtype=torch.float64)
@@ -157,10 +159,10 @@ def _grid_problem(B=4, N=600, seed=11):
 @pytest.mark.parametrize("tolerance", [1e-3, 1e-5])
 def test_compiled_loop_freezes_converged_clouds_like_the_general_loop(tolerance):
     source, target = _grid_problem()
-    kwargs = dict(max_iterations=40, tolerance=tolerance)
+    kwargs = dict(stopping=diffcp.Stopping(max_iterations=40, tolerance=tolerance))
     with torch.no_grad():
-        fast = diffcp.icp(source, target, search_backend="grid", **kwargs)
-        slow = diffcp.icp(source, target, search_backend="tree", **kwargs)
+        fast = diffcp.icp(source, target, correspondence=diffcp.NearestNeighbor(backend="grid"), **kwargs)
+        slow = diffcp.icp(source, target, correspondence=diffcp.NearestNeighbor(backend="tree"), **kwargs)
     assert len(set(fast.iterations.tolist())) > 1  # the clouds converged at different iterations
     assert torch.equal(fast.iterations, slow.iterations)
     assert torch.equal(fast.converged, slow.converged)
@@ -202,10 +204,12 @@ def test_compiled_conditioning_equals_procrustes_conditioning_and_warns_on_a_lin
     t = torch.linspace(0, 1, 400, dtype=torch.float64)
     line = torch.stack([t, 2 * t, -t], -1)[None].repeat(2, 1, 1)
     with pytest.warns(RuntimeWarning, match="ambiguous for batch elements \\[0, 1\\]"):
-        diffcp.icp(line, line + 0.01, search_backend="grid", max_iterations=3)
+        diffcp.icp(line, line + 0.01, correspondence=diffcp.NearestNeighbor(backend="grid"),
+                   stopping=diffcp.Stopping(max_iterations=3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        diffcp.icp(source, target, search_backend="grid", max_iterations=3)
+        diffcp.icp(source, target, correspondence=diffcp.NearestNeighbor(backend="grid"),
+                   stopping=diffcp.Stopping(max_iterations=3))
 
 
 def _plane_problem(dtype=torch.float64, seed=14):
@@ -235,8 +239,8 @@ def test_compiled_gauss_newton_loop_equals_the_general_loop(metric, dtype, atol)
     icp_module = importlib.import_module("diffcp.icp")
     src, sn, slen, tgt, tn, tlen = _plane_problem(dtype)
     mask = torch.rand(3, 700, generator=torch.Generator().manual_seed(3)) > 0.2
-    kwargs = dict(source_lengths=slen, target_lengths=tlen, target_normals=tn, metric=metric, solver="linear",
-                  max_iterations=25, tolerance=1e-6, source_mask=mask)
+    kwargs = dict(source_lengths=slen, target_lengths=tlen, target_normals=tn, metric=metric, solver="gauss_newton",
+                  stopping=diffcp.Stopping(max_iterations=25, tolerance=1e-6), source_mask=mask)
     if metric == "symmetric":
         kwargs["source_normals"] = sn
     calls = []
@@ -244,11 +248,12 @@ def test_compiled_gauss_newton_loop_equals_the_general_loop(metric, dtype, atol)
     icp_module.run_gauss_newton = lambda *args: calls.append(1) or original(*args)
     try:
         with torch.no_grad():
-            fast = diffcp.icp(src, tgt, search_backend="grid", **kwargs)
+            fast = diffcp.icp(src, tgt, correspondence=diffcp.NearestNeighbor(backend="grid"), **kwargs)
             assert calls == [1]
-            slow = diffcp.icp(src, tgt, search_backend="tree", **kwargs)
+            slow = diffcp.icp(src, tgt, correspondence=diffcp.NearestNeighbor(backend="tree"), **kwargs)
             assert calls == [1]
-            with_lm = diffcp.icp(src, tgt, search_backend="grid", **{**kwargs, "solver": "lm", "max_iterations": 2})
+            with_lm = diffcp.icp(src, tgt, correspondence=diffcp.NearestNeighbor(backend="grid"), 
+                              **{**kwargs, "solver": "levenberg_marquardt", "stopping": diffcp.Stopping(max_iterations=2)})
             assert calls == [1] and with_lm.iterations.max() == 2  # LM keeps the general loop
     finally:
         icp_module.run_gauss_newton = original
@@ -272,15 +277,16 @@ def test_compiled_gauss_newton_loop_is_skipped_when_normals_need_gradients():
     icp_module.run_gauss_newton = lambda *args: calls.append(1) or original(*args)
     try:
         out = diffcp.icp(src, tgt, source_lengths=slen, target_lengths=tlen, target_normals=tn,
-                         metric="point_to_plane", solver="linear", max_iterations=4, search_backend="grid")
+                         metric="point_to_plane", correspondence=diffcp.NearestNeighbor(backend="grid"),
+                         solver="gauss_newton", stopping=diffcp.Stopping(max_iterations=4))
         assert not calls
         out.translation.sum().backward()
         assert tn.grad is not None and torch.isfinite(tn.grad).all() and tn.grad.abs().sum() > 0
         # implicit: the forward iterations carry no graph and are compiled
         tn.grad = None
         out = diffcp.icp(src, tgt, source_lengths=slen, target_lengths=tlen, target_normals=tn,
-                         metric="point_to_plane", solver="linear", max_iterations=4, search_backend="grid",
-                         backward="implicit")
+                         metric="point_to_plane", correspondence=diffcp.NearestNeighbor(backend="grid"),
+                         solver="gauss_newton", stopping=diffcp.Stopping(max_iterations=4), backward="implicit")
         assert calls == [1]
         out.translation.sum().backward()
         assert torch.isfinite(tn.grad).all() and tn.grad.abs().sum() > 0
@@ -290,8 +296,8 @@ def test_compiled_gauss_newton_loop_is_skipped_when_normals_need_gradients():
 
 def test_target_normals_are_copied_again_when_modified_in_place():
     src, sn, slen, tgt, tn, tlen = _plane_problem()
-    kwargs = dict(source_lengths=slen, target_lengths=tlen, metric="point_to_plane", solver="linear",
-                  max_iterations=5, search_backend="grid")
+    kwargs = dict(source_lengths=slen, target_lengths=tlen, metric="point_to_plane", solver="gauss_newton",
+                  stopping=diffcp.Stopping(max_iterations=5), correspondence=diffcp.NearestNeighbor(backend="grid"))
     index = diffcp.NearestNeighborIndex(tgt, tlen, backend="grid")
     grid = index._grid_index()
     weights = (torch.arange(700)[None] < slen[:, None]).double()
@@ -329,20 +335,24 @@ def test_compiled_gauss_newton_conditioning_equals_the_general_one_and_warns_on_
     torch.testing.assert_close(got, ev[:, 0] / ev[:, -1], rtol=1e-7, atol=1e-12)
 
     g = torch.Generator().manual_seed(6)
-    plane = torch.rand(2, 500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    plane = torch.rand(2, 500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.0],
+                       dtype=torch.float64)
     up = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(2, 500, 3)
     extra = dict(source_normals=up) if metric == "symmetric" else {}
     with pytest.warns(RuntimeWarning, match="ambiguous for batch elements \\[0, 1\\]"):
-        diffcp.icp(plane + 0.01, plane, target_normals=up, metric=metric, solver="linear", search_backend="grid",
-                   max_iterations=3, **extra)
+        diffcp.icp(plane + 0.01, plane, target_normals=up, metric=metric,
+                   correspondence=diffcp.NearestNeighbor(backend="grid"), solver="gauss_newton",
+                   stopping=diffcp.Stopping(max_iterations=3), **extra)
 
 
 @pytest.mark.parametrize("metric", ["point_to_point", "point_to_plane"])
 def test_results_do_not_depend_on_the_grouping_of_clouds(monkeypatch, metric):
     src, sn, slen, tgt, tn, tlen = _plane_problem(seed=16)
-    kwargs = dict(source_lengths=slen, target_lengths=tlen, max_iterations=30, tolerance=1e-6, search_backend="grid")
+    kwargs = dict(source_lengths=slen, target_lengths=tlen,
+                  stopping=diffcp.Stopping(max_iterations=30, tolerance=1e-6),
+                  correspondence=diffcp.NearestNeighbor(backend="grid"))
     if metric == "point_to_plane":
-        kwargs.update(target_normals=tn, metric=metric, solver="linear")
+        kwargs.update(target_normals=tn, metric=metric, solver="gauss_newton")
     with torch.no_grad():
         monkeypatch.setattr(fused, "GROUP_BYTES", 1)  # one cloud at a time
         assert fused._group_size(3, 700, 720) == 1
@@ -350,7 +360,7 @@ def test_results_do_not_depend_on_the_grouping_of_clouds(monkeypatch, metric):
         monkeypatch.setattr(fused, "GROUP_BYTES", 2**40)  # all at once
         assert fused._group_size(3, 700, 720) == 3
         together = diffcp.icp(src, tgt, **kwargs)
-        slow = diffcp.icp(src, tgt, **{**kwargs, "search_backend": "tree"})
+        slow = diffcp.icp(src, tgt, **{**kwargs, "correspondence": diffcp.NearestNeighbor(backend="tree")})
     assert len(set(together.iterations.tolist())) > 1  # frozen clouds repeat their last error
     for out in (one, slow):
         assert torch.equal(out.iterations, together.iterations)

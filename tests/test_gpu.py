@@ -43,13 +43,14 @@ def test_soft_attention_on_gpu_equals_dense_on_cpu():
 
 @pytest.mark.parametrize("correspondence,solver,metric", [
     ("nn", "procrustes", "point_to_point"),
-    ("nn", "linear", "point_to_plane"),
-    ("soft_nn", "lm", "point_to_plane"),
+    ("nn", "gauss_newton", "point_to_plane"),
+    ("soft_nn", "levenberg_marquardt", "point_to_plane"),
 ])
 def test_icp_on_gpu_equals_cpu(correspondence, solver, metric):
     src, tgt, tgt_n, T = _problem()
-    kw = dict(correspondence=correspondence, solver=solver, metric=metric, max_iterations=20, tolerance=0,
-              temperature=1e-3 if correspondence == "soft_nn" else None)
+    corr = diffcp.SoftNearestNeighbor(temperature=1e-3) if correspondence == "soft_nn" else "nn"
+    kw = dict(correspondence=corr, solver=solver, metric=metric,
+              stopping=diffcp.Stopping(max_iterations=20, tolerance=0))
     cpu = diffcp.icp(src, tgt, target_normals=tgt_n, **kw)
     gpu = diffcp.icp(src.cuda(), tgt.cuda(), target_normals=tgt_n.cuda(), **kw)
     assert gpu.transform.device.type == "cuda"
@@ -62,8 +63,8 @@ def test_gradients_on_gpu_equal_cpu(backward):
     grads = []
     for device in ("cpu", "cuda"):
         t = tgt.to(device).requires_grad_()
-        out = diffcp.icp(src.to(device), t, correspondence="soft_nn", temperature=1e-2, max_iterations=30,
-                         tolerance=1e-12, backward=backward)
+        out = diffcp.icp(src.to(device), t, correspondence=diffcp.SoftNearestNeighbor(temperature=1e-2),
+                         stopping=diffcp.Stopping(max_iterations=30, tolerance=1e-12), backward=backward)
         (g,) = torch.autograd.grad(out.translation.sum(), t)
         assert torch.isfinite(g).all()
         grads.append(g.cpu())

@@ -34,12 +34,12 @@ def _pair(shape="bumpy_sphere", n=400, batch=1, angle=0.25, shift=0.05, seed=0, 
 
 SOLVER_METRICS = [
     ("procrustes", "point_to_point"),
-    ("linear", "point_to_point"),
-    ("linear", "point_to_plane"),
-    ("linear", "symmetric"),
-    ("lm", "point_to_point"),
-    ("lm", "point_to_plane"),
-    ("lm", "symmetric"),
+    ("gauss_newton", "point_to_point"),
+    ("gauss_newton", "point_to_plane"),
+    ("gauss_newton", "symmetric"),
+    ("levenberg_marquardt", "point_to_point"),
+    ("levenberg_marquardt", "point_to_plane"),
+    ("levenberg_marquardt", "symmetric"),
 ]
 
 
@@ -47,7 +47,8 @@ SOLVER_METRICS = [
 def test_recovers_known_transform_every_solver(solver, metric):
     src, src_n, tgt, tgt_n, T = _pair(batch=3)
     out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, solver=solver,
-                     metric=metric, max_iterations=60, tolerance=1e-10)
+                     stopping=diffcp.Stopping(max_iterations=60, tolerance=1e-10),
+                     metric=metric)
     assert out.transform.shape == (3, 4, 4) and out.converged.shape == (3,)
     assert rotation_error(out.rotation, T[:, :3, :3]).max() < 1e-5
     assert (out.translation - T[:, :3, 3]).abs().max() < 1e-7
@@ -59,7 +60,7 @@ def test_one_procrustes_step_is_exact_once_correspondences_are_right():
     # a large motion, started close enough that every nearest neighbour is the true partner
     src, _, tgt, _, T = _pair(batch=2, angle=2.5, shift=1.0)
     init = diffcp.apply_twist(T, torch.full((2, 6), 1e-4, dtype=F64))
-    out = diffcp.icp(src, tgt, init=init, max_iterations=1, tolerance=0)
+    out = diffcp.icp(src, tgt, init=init, stopping=diffcp.Stopping(max_iterations=1, tolerance=0))
     assert rotation_error(out.rotation, T[:, :3, :3]).max() < 1e-6
     assert (out.translation - T[:, :3, 3]).abs().max() < 1e-9
 
@@ -76,7 +77,7 @@ def test_errors_decrease_and_iterations_are_per_element():
     src, _, tgt, _, T = _pair(batch=2, angle=0.3)
     # element 1 starts at the answer: it converges at once while element 0 keeps iterating
     init = torch.stack([torch.eye(4, dtype=F64), T[1]])
-    out = diffcp.icp(src, tgt, init=init, max_iterations=50, tolerance=1e-9)
+    out = diffcp.icp(src, tgt, init=init, stopping=diffcp.Stopping(max_iterations=50, tolerance=1e-9))
     assert out.iterations[1] <= 2 < out.iterations[0]
     e = out.errors[0, : int(out.iterations[0])]
     assert (e[1:] <= e[:-1] + 1e-12).all()
@@ -85,10 +86,10 @@ def test_errors_decrease_and_iterations_are_per_element():
 def test_converged_elements_stop_changing():
     src, _, tgt, _, T = _pair(batch=2, angle=0.3)
     init = torch.stack([torch.eye(4, dtype=F64), T[1]])
-    a = diffcp.icp(src, tgt, init=init, max_iterations=50, tolerance=1e-9)
+    a = diffcp.icp(src, tgt, init=init, stopping=diffcp.Stopping(max_iterations=50, tolerance=1e-9))
     assert a.converged.all() and a.iterations[1] < a.iterations[0]
     # stopping right when element 1 converged gives bit-for-bit the same transform for it
-    b = diffcp.icp(src, tgt, init=init, max_iterations=int(a.iterations[1]), tolerance=1e-9)
+    b = diffcp.icp(src, tgt, init=init, stopping=diffcp.Stopping(max_iterations=int(a.iterations[1]), tolerance=1e-9))
     assert torch.equal(a.transform[1], b.transform[1])
     assert not torch.equal(a.transform[0], b.transform[0])
 
@@ -99,11 +100,12 @@ def test_converged_elements_stop_changing():
 
 
 @pytest.mark.parametrize("correspondence", ["nn", "soft_nn"])
-@pytest.mark.parametrize("solver,metric", [("procrustes", "point_to_point"), ("linear", "point_to_plane")])
+@pytest.mark.parametrize("solver,metric", [("procrustes", "point_to_point"), ("gauss_newton", "point_to_plane")])
 def test_batch_equals_loop(correspondence, solver, metric):
     src, src_n, tgt, tgt_n, T = _pair(batch=3, angle=0.3, n=300)
-    kw = dict(correspondence=correspondence, solver=solver, metric=metric, max_iterations=8, tolerance=0,
-              temperature=1e-3 if correspondence == "soft_nn" else None)
+    corr = diffcp.SoftNearestNeighbor(temperature=1e-3) if correspondence == "soft_nn" else "nn"
+    kw = dict(correspondence=corr, solver=solver, metric=metric,
+              stopping=diffcp.Stopping(max_iterations=8, tolerance=0))
     batched = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, **kw)
     for b in range(3):
         single = diffcp.icp(src[b], tgt[b], source_normals=src_n[b], target_normals=tgt_n[b], **kw)
@@ -118,9 +120,10 @@ def test_padded_batch_equals_unpadded():
     src = torch.cat([a[0], torch.cat([b[0], pad], 1)])
     tgt = torch.cat([a[2], torch.cat([b[2], pad], 1)])
     lengths = torch.tensor([300, 200])
-    out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=lengths, max_iterations=20, tolerance=0)
-    ref_b = diffcp.icp(b[0], b[2], max_iterations=20, tolerance=0)
-    ref_a = diffcp.icp(a[0], a[2], max_iterations=20, tolerance=0)
+    out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=lengths,
+                     stopping=diffcp.Stopping(max_iterations=20, tolerance=0))
+    ref_b = diffcp.icp(b[0], b[2], stopping=diffcp.Stopping(max_iterations=20, tolerance=0))
+    ref_a = diffcp.icp(a[0], a[2], stopping=diffcp.Stopping(max_iterations=20, tolerance=0))
     torch.testing.assert_close(out.transform[1], ref_b.transform[0], atol=1e-10, rtol=0)
     torch.testing.assert_close(out.transform[0], ref_a.transform[0], atol=1e-10, rtol=0)
     assert torch.isfinite(out.transform).all()
@@ -130,8 +133,8 @@ def test_invariant_to_point_order():
     src, _, tgt, _, _ = _pair(angle=0.3)
     g = torch.Generator().manual_seed(5)
     p, q = torch.randperm(src.shape[1], generator=g), torch.randperm(tgt.shape[1], generator=g)
-    a = diffcp.icp(src, tgt, max_iterations=15, tolerance=0)
-    b = diffcp.icp(src[:, p], tgt[:, q], max_iterations=15, tolerance=0)
+    a = diffcp.icp(src, tgt, stopping=diffcp.Stopping(max_iterations=15, tolerance=0))
+    b = diffcp.icp(src[:, p], tgt[:, q], stopping=diffcp.Stopping(max_iterations=15, tolerance=0))
     torch.testing.assert_close(a.transform, b.transform, atol=1e-10, rtol=0)
 
 
@@ -167,8 +170,9 @@ def test_parity_with_open3d(shape, kind):
     crit = reg.ICPConvergenceCriteria(relative_fitness=0.0, relative_rmse=0.0, max_iteration=iters)
     res = reg.registration_icp(_o3d_cloud(src), _o3d_cloud(tgt, tgt_n), 10.0, np.eye(4), est, crit)
     T_o3d = torch.as_tensor(np.array(res.transformation))  # a writable copy
-    solver = "procrustes" if kind == "point_to_point" else "linear"
-    out = diffcp.icp(src, tgt, target_normals=tgt_n, metric=kind, solver=solver, max_iterations=iters, tolerance=0)
+    solver = "procrustes" if kind == "point_to_point" else "gauss_newton"
+    out = diffcp.icp(src, tgt, target_normals=tgt_n, metric=kind, solver=solver,
+                     stopping=diffcp.Stopping(max_iterations=iters, tolerance=0))
     assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-3  # degrees
     assert (out.translation - T_o3d[:3, 3]).norm() < 1e-4
     if shape.startswith("bumpy") and kind == "point_to_plane":  # no symmetry, fast convergence: the truth
@@ -191,9 +195,10 @@ def test_gradcheck_unrolled_icp_soft(solver, metric):
 
     def f(s_head, t):
         s = torch.cat([s_head, src[:, 4:]], dim=1)
-        out = diffcp.icp(s, t, source_normals=src_n, target_normals=tgt_n, correspondence="soft_nn",
-                         temperature=0.05, solver=solver, metric=metric, max_iterations=3, tolerance=0,
-                         lm_iterations=2)
+        solver_option = diffcp.LevenbergMarquardtSolver(iterations=2) if solver == "levenberg_marquardt" else solver
+        out = diffcp.icp(s, t, source_normals=src_n, target_normals=tgt_n, metric=metric, solver=solver_option,
+                         correspondence=diffcp.SoftNearestNeighbor(temperature=0.05),
+                         stopping=diffcp.Stopping(max_iterations=3, tolerance=0))
         return out.transform[:, :3, :]
 
     assert torch.autograd.gradcheck(f, (src[:, :4].clone().requires_grad_(), tgt.clone().requires_grad_()))
@@ -204,8 +209,8 @@ def test_gradcheck_unrolled_icp_hard_nn_wrt_target_and_weights():
 
     def f(t, tn):
         out = diffcp.icp(src, t, source_normals=src_n, target_normals=tn, metric="point_to_plane",
-                         solver="linear", max_iterations=3, tolerance=0, reject_distance=2.0,
-                         rejection_temperature=0.1)
+                         solver="gauss_newton", rejection=[diffcp.DistanceRejection(2.0, temperature=0.1)],
+                         stopping=diffcp.Stopping(max_iterations=3, tolerance=0))
         return out.transform[:, :3, :]
 
     assert torch.autograd.gradcheck(f, (tgt.clone().requires_grad_(), tgt_n.clone().requires_grad_()))
@@ -217,9 +222,10 @@ def _fixed_point(mode, solver="procrustes", metric="point_to_point"):
 
     def f(head):
         t = torch.cat([head, tgt[:, 3:]], dim=1)
-        out = diffcp.icp(src, t, source_normals=src_n, target_normals=tgt_n, correspondence="soft_nn",
-                         temperature=0.05, solver=solver, metric=metric, max_iterations=200,
-                         tolerance=1e-14, backward=mode, truncate_iterations=25)
+        backward = diffcp.TruncatedBackward(iterations=25) if mode == "truncated" else mode
+        out = diffcp.icp(src, t, source_normals=src_n, target_normals=tgt_n, solver=solver, metric=metric,
+                         correspondence=diffcp.SoftNearestNeighbor(temperature=0.05),
+                         stopping=diffcp.Stopping(max_iterations=200, tolerance=1e-14), backward=backward)
         return out.transform[:, :3, :]
 
     return f, tgt[:, :3].clone().requires_grad_()
@@ -232,15 +238,15 @@ def test_backward_modes_match_finite_differences_at_the_fixed_point(mode):
 
 
 def test_implicit_gradient_gauss_newton_point_to_plane():
-    f, head = _fixed_point("implicit", "linear", "point_to_plane")
+    f, head = _fixed_point("implicit", "gauss_newton", "point_to_plane")
     assert torch.autograd.gradcheck(f, (head,), eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
 def test_implicit_gradient_of_lm_equals_that_of_gauss_newton():
     # Same fixed point, so the same implicit gradient. (LM's forward stops where its steps are
     # rejected at rounding level, which makes finite differences of it too noisy for gradcheck.)
-    f_lm, head = _fixed_point("implicit", "lm", "symmetric")
-    f_gn, _ = _fixed_point("implicit", "linear", "symmetric")
+    f_lm, head = _fixed_point("implicit", "levenberg_marquardt", "symmetric")
+    f_gn, _ = _fixed_point("implicit", "gauss_newton", "symmetric")
     out_lm, out_gn = f_lm(head), f_gn(head)
     torch.testing.assert_close(out_lm, out_gn, atol=1e-9, rtol=0)
     w = torch.randn_like(out_lm)
@@ -248,7 +254,7 @@ def test_implicit_gradient_of_lm_equals_that_of_gauss_newton():
     (g_gn,) = torch.autograd.grad((out_gn * w).sum(), head)
     torch.testing.assert_close(g_lm, g_gn, atol=1e-7, rtol=1e-6)
     # and the implicit gradient agrees with a long unrolled one
-    f_un, _ = _fixed_point("unroll", "linear", "symmetric")
+    f_un, _ = _fixed_point("unroll", "gauss_newton", "symmetric")
     (g_un,) = torch.autograd.grad((f_un(head) * w).sum(), head)
     torch.testing.assert_close(g_gn, g_un, atol=1e-7, rtol=1e-5)
 
@@ -256,10 +262,11 @@ def test_implicit_gradient_of_lm_equals_that_of_gauss_newton():
 def test_init_gradient_zero_for_hard_procrustes_nonzero_for_soft():
     src, _, tgt, _ = _small(n=30)
     init = torch.eye(4, dtype=F64)[None].clone().requires_grad_()
-    hard = diffcp.icp(src, tgt, init=init, max_iterations=5, tolerance=0)
+    hard = diffcp.icp(src, tgt, init=init, stopping=diffcp.Stopping(max_iterations=5, tolerance=0))
     (g_hard,) = torch.autograd.grad(hard.transform.sum(), init)
     assert torch.equal(g_hard, torch.zeros_like(g_hard))
-    soft = diffcp.icp(src, tgt, init=init, correspondence="soft_nn", temperature=0.05, max_iterations=5, tolerance=0)
+    soft = diffcp.icp(src, tgt, init=init, correspondence=diffcp.SoftNearestNeighbor(temperature=0.05),
+                      stopping=diffcp.Stopping(max_iterations=5, tolerance=0))
     (g_soft,) = torch.autograd.grad(soft.transform.sum(), init)
     assert g_soft.abs().max() > 1e-3
 
@@ -271,15 +278,15 @@ def test_init_gradient_vanishes_at_convergence_for_gauss_newton():
     src, src_n, tgt, tgt_n = _small(n=300)
     xi = torch.zeros(1, 6, dtype=F64, requires_grad=True)
     init = diffcp.apply_twist(torch.eye(4, dtype=F64)[None], xi)
-    out = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="linear",
-                     max_iterations=30, tolerance=0)
+    out = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="gauss_newton",
+                     stopping=diffcp.Stopping(max_iterations=30, tolerance=0))
     assert out.final_error.max() < 1e-10
     (g,) = torch.autograd.grad(out.transform[:, :3, :].sum(), xi)
     assert g.abs().max() < 1e-6
     # before convergence the start still matters
     init = diffcp.apply_twist(torch.eye(4, dtype=F64)[None], xi)
-    early = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="linear",
-                       max_iterations=1, tolerance=0)
+    early = diffcp.icp(src, tgt, init=init, target_normals=tgt_n, metric="point_to_plane", solver="gauss_newton",
+                       stopping=diffcp.Stopping(max_iterations=1, tolerance=0))
     (g1,) = torch.autograd.grad(early.transform[:, :3, :].sum(), xi)
     assert g1.abs().max() > 1e-3
 
@@ -288,14 +295,16 @@ def test_truncated_mode_keeps_only_the_last_iterations():
     src, _, tgt, _ = _small(n=30)
     init = torch.eye(4, dtype=F64)[None].clone().requires_grad_()
     tgt = tgt.clone().requires_grad_()
-    kw = dict(init=init, correspondence="soft_nn", temperature=0.05, tolerance=0, backward="truncated")
-    out = diffcp.icp(src, tgt, max_iterations=10, truncate_iterations=3, **kw)
+    kw = dict(init=init, correspondence=diffcp.SoftNearestNeighbor(temperature=0.05),
+              backward=diffcp.TruncatedBackward(iterations=3))
+    out = diffcp.icp(src, tgt, stopping=diffcp.Stopping(max_iterations=10, tolerance=0), **kw)
     g_init, g_tgt = torch.autograd.grad(out.transform.sum(), (init, tgt), allow_unused=True)
     assert g_init is None and g_tgt.abs().max() > 0
     assert int(out.iterations[0]) == 10
     # keeping every iteration is the unrolled gradient
-    full = diffcp.icp(src, tgt, max_iterations=3, truncate_iterations=3, **kw)
-    unrolled = diffcp.icp(src, tgt, init=init, correspondence="soft_nn", temperature=0.05, tolerance=0, max_iterations=3)
+    full = diffcp.icp(src, tgt, stopping=diffcp.Stopping(max_iterations=3, tolerance=0), **kw)
+    unrolled = diffcp.icp(src, tgt, init=init, correspondence=diffcp.SoftNearestNeighbor(temperature=0.05),
+                          stopping=diffcp.Stopping(max_iterations=3, tolerance=0))
     g1 = torch.autograd.grad(full.transform.sum(), (init, tgt))
     g2 = torch.autograd.grad(unrolled.transform.sum(), (init, tgt))
     for a, b in zip(g1, g2):
@@ -310,7 +319,8 @@ def test_gradients_never_nan_on_symmetric_and_degenerate_shapes():
         t = cloud.clone().requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = diffcp.icp(cloud, t, correspondence="soft_nn", temperature=0.1, max_iterations=4, tolerance=0)
+            out = diffcp.icp(cloud, t, correspondence=diffcp.SoftNearestNeighbor(temperature=0.1),
+                             stopping=diffcp.Stopping(max_iterations=4, tolerance=0))
         (g,) = torch.autograd.grad(out.transform.sum(), t)
         assert torch.isfinite(out.transform).all() and torch.isfinite(g).all()
 
@@ -318,7 +328,7 @@ def test_gradients_never_nan_on_symmetric_and_degenerate_shapes():
 def test_collinear_points_warn_about_ambiguity():
     line = torch.linspace(0, 1, 10, dtype=F64)[:, None] * torch.tensor([1.0, 0.0, 0.0], dtype=F64)
     with pytest.warns(RuntimeWarning, match=r"ambiguous for batch elements \[0\]"):
-        diffcp.icp(line, line + 0.01, max_iterations=3)
+        diffcp.icp(line, line + 0.01, stopping=diffcp.Stopping(max_iterations=3))
 
 
 def test_point_to_plane_on_a_single_plane_warns_and_stays_finite():
@@ -327,7 +337,7 @@ def test_point_to_plane_on_a_single_plane_warns_and_stays_finite():
     normals = torch.tensor([0.0, 0.0, 1.0], dtype=F64).expand(200, 3)
     with pytest.warns(RuntimeWarning, match="ambiguous"):
         out = diffcp.icp(plane, plane + torch.tensor([0.0, 0.0, 0.05], dtype=F64), target_normals=normals,
-                         metric="point_to_plane", solver="linear", max_iterations=10)
+                         metric="point_to_plane", solver="gauss_newton", stopping=diffcp.Stopping(max_iterations=10))
     assert torch.isfinite(out.transform).all()
     assert abs(float(out.translation[2]) - 0.05) < 1e-9  # the determined part is right
 
@@ -336,8 +346,9 @@ def test_well_posed_problems_do_not_warn():
     src, src_n, tgt, tgt_n, _ = _pair(batch=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        diffcp.icp(src, tgt, max_iterations=5)
-        diffcp.icp(src, tgt, target_normals=tgt_n, metric="point_to_plane", solver="linear", max_iterations=5)
+        diffcp.icp(src, tgt, stopping=diffcp.Stopping(max_iterations=5))
+        diffcp.icp(src, tgt, target_normals=tgt_n, metric="point_to_plane", solver="gauss_newton",
+                   stopping=diffcp.Stopping(max_iterations=5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,29 +362,37 @@ X = torch.rand(20, 3, dtype=F64)
     "kwargs,error,match",
     [
         (dict(source=X.clone().index_fill_(0, torch.tensor([3]), float("nan"))), ValueError, "source contains NaN"),
-        (dict(target=X.clone().index_fill_(0, torch.tensor([3]), float("inf"))), ValueError, "target contains NaN or Inf"),
+        (dict(target=X.clone().index_fill_(0, torch.tensor([3]), float("inf"))), ValueError,
+         "target contains NaN or Inf"),
         (dict(source=X[:0]), ValueError, "source must hold at least 3"),
         (dict(source=X[:2]), ValueError, "source must hold at least 3"),
         (dict(source=torch.rand(20, 2, dtype=F64)), ValueError, r"source must have shape \(N, 3\)"),
         (dict(source=X[None].expand(2, 20, 3)), ValueError, "batch sizes must match"),
-        (dict(source=X[None].expand(2, 20, 3), target=X[None].expand(2, 20, 3), source_lengths=torch.tensor([20, 21])),
+        (dict(source=X[None].expand(2, 20, 3), target=X[None].expand(2, 20, 3),
+              source_lengths=torch.tensor([20, 21])),
          ValueError, "source_lengths must lie in"),
-        (dict(source=X[None], target=X[None], target_lengths=torch.tensor([1])), ValueError, "target_lengths must lie in"),
+        (dict(source=X[None], target=X[None], target_lengths=torch.tensor([1])), ValueError,
+         "target_lengths must lie in"),
         (dict(source=torch.randint(0, 5, (20, 3))), TypeError, "source must have a floating-point dtype"),
         (dict(target=X.float()), TypeError, "target has dtype"),
-        (dict(correspondence="soft_nn", temperature=0.0), ValueError, "temperature must be a finite positive"),
-        (dict(correspondence="soft_nn", temperature=-1.0), ValueError, "temperature"),
-        (dict(metric="point_to_plane", solver="linear"), ValueError, "target_normals are required"),
-        (dict(metric="symmetric", solver="linear", target_normals=X), ValueError, "source_normals are required"),
+        (dict(correspondence=lambda: diffcp.SoftNearestNeighbor(temperature=0.0)), ValueError,
+         "SoftNearestNeighbor.temperature must be a finite positive"),
+        (dict(correspondence=lambda: diffcp.SoftNearestNeighbor(temperature=-1.0)), ValueError, "temperature"),
+        (dict(metric="point_to_plane", solver="gauss_newton"), ValueError, "target_normals are required"),
+        (dict(metric="symmetric", solver="gauss_newton", target_normals=X), ValueError,
+         "source_normals are required"),
         (dict(metric="point_to_plane"), ValueError, "solver='procrustes' solves the point_to_point"),
         (dict(correspondence="closest"), ValueError, "correspondence must be one of"),
         (dict(metric="plane"), ValueError, "metric must be one of"),
         (dict(solver="svd"), ValueError, "solver must be one of"),
         (dict(backward="adjoint"), ValueError, "backward must be one of"),
-        (dict(max_iterations=0), ValueError, "max_iterations must be a positive integer"),
+        (dict(stopping=lambda: diffcp.Stopping(max_iterations=0)), ValueError,
+         r"Stopping.max_iterations must be an integer >= 1"),
+        (dict(temperature=1e-3), TypeError, r"takes no argument 'temperature'; it belongs to an option"),
         (dict(init=torch.eye(3, dtype=F64)), ValueError, r"init must have shape \(4, 4\)"),
-        (dict(reject_angle=270.0), ValueError, "reject_angle"),
-        (dict(robust_kernel="l1"), ValueError, "robust_kernel must be one of"),
+        (dict(rejection=lambda: [diffcp.NormalAngleRejection(270.0)]), ValueError,
+         r"max_angle must lie in \(0, 180\]"),
+        (dict(weighting=lambda: [diffcp.RobustKernel("l1")]), ValueError, "RobustKernel.kernel must be one of"),
         (dict(source=[[0.0, 0.0, 0.0]] * 5), TypeError, "source must be a torch.Tensor"),
     ],
 )
@@ -381,8 +400,8 @@ def test_bad_input_raises_clear_errors(kwargs, error, match):
     args = dict(source=X, target=X + 0.1)
     args.update(kwargs)
     source, target = args.pop("source"), args.pop("target")
-    with pytest.raises(error, match=match):
-        diffcp.icp(source, target, **args)
+    with pytest.raises(error, match=match):  # options validate themselves when they are built
+        diffcp.icp(source, target, **{k: v() if callable(v) else v for k, v in args.items()})
 
 
 def test_projective_requires_intrinsics():
@@ -415,10 +434,11 @@ def test_projective_icp_recovers_small_motion():
     depth, K = _sphere_depth()
     pts, valid = diffcp.depth_to_points(depth[None], K[None])
     src = pts[0][valid[0]][::3]
-    T = make_transform(diffcp.so3_exp(torch.tensor([0.0, 0.03, 0.02], dtype=F64)), torch.tensor([0.02, -0.01, 0.0], dtype=F64))
+    T = make_transform(diffcp.so3_exp(torch.tensor([0.0, 0.03, 0.02], dtype=F64)),
+                       torch.tensor([0.02, -0.01, 0.0], dtype=F64))
     src_moved = transform_points(diffcp.invert_transform(T), src)  # the source seen before the motion
-    out = diffcp.icp(src_moved, depth, correspondence="projective", intrinsics=K, metric="point_to_plane",
-                     solver="linear", max_iterations=30, tolerance=1e-9)
+    out = diffcp.icp(src_moved, depth, correspondence=diffcp.ProjectiveAssociation(K), solver="gauss_newton",
+                     stopping=diffcp.Stopping(max_iterations=30, tolerance=1e-9), metric="point_to_plane")
     # a sphere only fixes its centre: check the registered points lie on the sphere's surface
     moved = transform_points(out.transform, src_moved)
     r = (moved - torch.tensor([0.0, 0.0, 3.0], dtype=F64)).norm(dim=-1)
@@ -440,17 +460,17 @@ def _with_outliers(n=400, outliers=120, seed=0):
 
 
 @pytest.mark.parametrize("options", [
-    dict(reject_distance=0.3),
-    dict(reject_distance=0.3, rejection_temperature=0.01),
-    dict(distance_weighting=0.5),
-    dict(robust_kernel="tukey", robust_scale=0.2),
+    dict(rejection=[diffcp.DistanceRejection(0.3)]),
+    dict(rejection=[diffcp.DistanceRejection(0.3, temperature=0.01)]),
+    dict(weighting=[diffcp.DistanceWeights(0.5)]),
+    dict(weighting=[diffcp.RobustKernel("tukey", 0.2)]),
 ])
 def test_rejection_and_weighting_remove_source_outliers(options):
     # outliers in the source (points with no partner in the target) pull plain ICP away
     src, _, src_with_junk, T = _with_outliers()
     tgt = transform_points(T, src)
-    plain = diffcp.icp(src_with_junk, tgt, max_iterations=40, tolerance=0)
-    robust = diffcp.icp(src_with_junk, tgt, max_iterations=40, tolerance=0, **options)
+    plain = diffcp.icp(src_with_junk, tgt, stopping=diffcp.Stopping(max_iterations=40, tolerance=0))
+    robust = diffcp.icp(src_with_junk, tgt, stopping=diffcp.Stopping(max_iterations=40, tolerance=0), **options)
     err_plain = rotation_error(plain.rotation, T[:, :3, :3]).item()
     err_robust = rotation_error(robust.rotation, T[:, :3, :3]).item()
     assert err_robust < 0.2 < err_plain
@@ -460,19 +480,22 @@ def test_source_mask_and_num_samples_select_points():
     src, _, tgt, _, T = _pair(n=400, angle=0.2)
     mask = torch.zeros(1, 400, dtype=torch.bool)
     mask[:, ::2] = True
-    masked = diffcp.icp(src, tgt, source_mask=mask, max_iterations=10, tolerance=0)
-    subset = diffcp.icp(src[:, ::2], tgt, max_iterations=10, tolerance=0)
+    masked = diffcp.icp(src, tgt, source_mask=mask, stopping=diffcp.Stopping(max_iterations=10, tolerance=0))
+    subset = diffcp.icp(src[:, ::2], tgt, stopping=diffcp.Stopping(max_iterations=10, tolerance=0))
     torch.testing.assert_close(masked.transform, subset.transform, atol=1e-12, rtol=0)
-    a = diffcp.icp(src, tgt, num_samples=100, generator=torch.Generator().manual_seed(3), max_iterations=10)
-    b = diffcp.icp(src, tgt, num_samples=100, generator=torch.Generator().manual_seed(3), max_iterations=10)
+    a = diffcp.icp(src, tgt, selection=diffcp.RandomSelection(100, seed=0),
+                   stopping=diffcp.Stopping(max_iterations=10))
+    b = diffcp.icp(src, tgt, selection=diffcp.RandomSelection(100, seed=0),
+                   stopping=diffcp.Stopping(max_iterations=10))
     assert torch.equal(a.transform, b.transform)
     assert rotation_error(a.rotation, T[:, :3, :3]).item() < 1e-4
 
 
 def test_normal_weighting_and_angle_rejection_run_and_agree_on_clean_data():
     src, src_n, tgt, tgt_n, T = _pair(n=400, angle=0.2)
-    out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, normal_weighting=True,
-                     reject_angle=60.0, metric="point_to_plane", solver="linear", max_iterations=30)
+    out = diffcp.icp(src, tgt, source_normals=src_n, target_normals=tgt_n, solver="gauss_newton",
+                     weighting=[diffcp.NormalWeights()], rejection=[diffcp.NormalAngleRejection(60.0)],
+                     stopping=diffcp.Stopping(max_iterations=30), metric="point_to_plane")
     assert rotation_error(out.rotation, T[:, :3, :3]).item() < 1e-5
 
 
@@ -503,7 +526,8 @@ def test_fused_pass_equals_the_general_step(dtype, atol):
 
     src, tgt, lengths, tlen = _fused_problem(dtype)
     mask = torch.rand(3, 700, generator=torch.Generator().manual_seed(3)) > 0.2
-    kwargs = dict(source_lengths=lengths, target_lengths=tlen, max_iterations=12, tolerance=1e-7,
+    kwargs = dict(source_lengths=lengths, target_lengths=tlen,
+                  stopping=diffcp.Stopping(max_iterations=12, tolerance=1e-7),
                   source_mask=mask)
     calls = []
     original = icp_module.run_point_to_point
@@ -516,10 +540,10 @@ def test_fused_pass_equals_the_general_step(dtype, atol):
     icp_module.run_point_to_point = spy
     try:
         with torch.no_grad():
-            fused = diffcp.icp(src, tgt, search_backend="grid", **kwargs)
+            fused = diffcp.icp(src, tgt, correspondence=diffcp.NearestNeighbor(backend="grid"), **kwargs)
         used = list(calls)
         with torch.no_grad():
-            general = diffcp.icp(src, tgt, search_backend="tree", **kwargs)
+            general = diffcp.icp(src, tgt, correspondence=diffcp.NearestNeighbor(backend="tree"), **kwargs)
         assert calls == used  # the tree backend never takes the fused loop
     finally:
         icp_module.run_point_to_point = original
@@ -542,23 +566,26 @@ def test_fused_pass_is_skipped_when_gradients_are_needed():
     icp_module._fused_step = lambda p, T: calls.append("step") or original_step(p, T)
     icp_module.run_point_to_point = lambda *args: calls.append("loop") or original_loop(*args)
     try:
-        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
-                         search_backend="grid")
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen,
+                         correspondence=diffcp.NearestNeighbor(backend="grid"),
+                         stopping=diffcp.Stopping(max_iterations=5))
         out.translation.sum().backward()
         assert not calls  # unrolled with a graph: the general, differentiable step
         assert tgt.grad is not None and torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
         # implicit mode: the iterations before the fixed point carry no graph and are fused
         tgt.grad = None
-        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=5,
-                         search_backend="grid", backward="implicit")
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen,
+                         correspondence=diffcp.NearestNeighbor(backend="grid"),
+                         stopping=diffcp.Stopping(max_iterations=5), backward="implicit")
         assert calls == ["loop"]
         out.translation.sum().backward()
         assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
         # truncated mode: the first iterations are the compiled loop, the last ones keep a graph
         calls.clear()
         tgt.grad = None
-        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen, max_iterations=8,
-                         search_backend="grid", backward="truncated", truncate_iterations=3)
+        out = diffcp.icp(src, tgt, source_lengths=lengths, target_lengths=tlen,
+                         correspondence=diffcp.NearestNeighbor(backend="grid"),
+                         stopping=diffcp.Stopping(max_iterations=8), backward=diffcp.TruncatedBackward(iterations=3))
         assert calls == ["loop"]
         out.translation.sum().backward()
         assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0

@@ -14,6 +14,8 @@ def test_readme_example_runs():
     result = namespace["result"]
     assert result.transform.shape == (8, 4, 4)
     assert namespace["target"].grad is not None and namespace["target"].grad.isfinite().all()
+    layer = namespace["layer"]
+    assert [n for n, _ in layer.named_parameters()] == ["log_temperatures.correspondence"]
 
 
 def test_readme_quick_start_is_two_make_commands():
