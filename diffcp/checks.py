@@ -26,6 +26,8 @@ __all__ = [
     "check_same_device",
     "check_transform",
     "check_normals",
+    "check_float_dtype",
+    "check_rigid",
     "lengths_mask",
 ]
 
@@ -69,7 +71,17 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be a finite {need} number; got {value!r}.")
 
 
-def as_batched_points(name: str, points, min_points: int = 1) -> Tuple[Tensor, bool]:
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_float_dtype(name: str, tensor: Tensor) -> None:
+    """Raise ``TypeError`` unless ``tensor`` is float32 or float64 (half precision cannot hold the
+    sums of squares ICP forms, and torch has no CPU SVD for it)."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float32 or float64); got {tensor.dtype}.")
+
+
+def as_batched_points(name: str, points, min_points: int = 1, check_finite: bool = True) -> Tuple[Tensor, bool]:
     """Validate a cloud and return it as ``(B, N, 3)`` plus whether the input was unbatched.
 
     Raises:
@@ -78,8 +90,7 @@ def as_batched_points(name: str, points, min_points: int = 1) -> Tuple[Tensor, b
     """
     if not isinstance(points, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, 3) or (B, N, 3); got {type(points).__name__}.")
-    if not points.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype (float32 or float64); got {points.dtype}.")
+    check_float_dtype(name, points)
     if points.dim() not in (2, 3) or points.shape[-1] != 3:
         raise ValueError(f"{name} must have shape (N, 3) or (B, N, 3); got {tuple(points.shape)}.")
     unbatched = points.dim() == 2
@@ -89,7 +100,7 @@ def as_batched_points(name: str, points, min_points: int = 1) -> Tuple[Tensor, b
         raise ValueError(f"{name} must hold at least one cloud; got batch size 0.")
     if points.shape[1] < min_points:
         raise ValueError(f"{name} must hold at least {min_points} points per cloud; got {points.shape[1]}.")
-    if ENABLED and not bool(torch.isfinite(points).all()):
+    if check_finite and ENABLED and not bool(torch.isfinite(points).all()):
         raise ValueError(f"{name} contains NaN or Inf values.")
     return points, unbatched
 
@@ -134,7 +145,7 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device.")
 
 
-def check_transform(name: str, transform, batch: int) -> Tensor:
+def check_transform(name: str, transform, batch: int, rigid: bool = False) -> Tensor:
     """Validate a ``(4, 4)`` or ``(B, 4, 4)`` transform and return it as ``(B, 4, 4)``."""
     if not isinstance(transform, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (4, 4) or (B, 4, 4); got {type(transform).__name__}.")
@@ -148,17 +159,51 @@ def check_transform(name: str, transform, batch: int) -> Tensor:
         raise ValueError(f"{name} holds {transform.shape[0]} transforms but the batch has {batch} clouds.")
     if ENABLED and not bool(torch.isfinite(transform).all()):
         raise ValueError(f"{name} contains NaN or Inf values.")
+    if rigid and ENABLED:
+        check_rigid(name, transform)
     return transform
 
 
-def check_normals(name: str, normals, points: Tensor, points_name: str, unbatched: bool) -> Tensor:
+def check_rigid(name: str, transform: Tensor) -> None:
+    """Raise ``ValueError`` unless every ``(4, 4)`` is a rigid motion: ``R^T R = I`` and
+    ``det R = +1`` to ``sqrt(eps)`` of the dtype, last row ``(0, 0, 0, 1)``."""
+    with torch.no_grad():
+        T = transform.detach().reshape(-1, 4, 4)
+        R = T[:, :3, :3]
+        tol = torch.finfo(T.dtype).eps ** 0.5 if T.is_floating_point() else 1e-6
+        eye = torch.eye(3, dtype=T.dtype, device=T.device)
+        ortho = (R.transpose(-1, -2) @ R - eye).abs().amax((-1, -2))
+        bottom = (T[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=T.dtype, device=T.device)).abs().amax(-1)
+        bad = (ortho > 10 * tol) | (torch.linalg.det(R) < 0) | (bottom > tol)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{name} must hold rigid motions (a rotation with det +1 and a translation, last row "
+                             f"0 0 0 1); entries {idx} are not (a reflection, a scaling or a shear).")
+
+
+def check_normals(name: str, normals, points: Tensor, points_name: str, unbatched: bool,
+                  check_finite: bool = True) -> Tensor:
     """Validate normals matching ``points (B, N, 3)`` and return them batched."""
     if not isinstance(normals, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor shaped like {points_name}; got {type(normals).__name__}.")
     if unbatched and normals.dim() == 2:
         normals = normals[None]
+    check_float_dtype(name, normals)
+    if normals.dtype != points.dtype:
+        raise TypeError(f"{name} has dtype {normals.dtype} but {points_name} has {points.dtype}; use one dtype.")
     if normals.shape != points.shape:
         raise ValueError(f"{name} must have the shape of {points_name} {tuple(points.shape)}; got {tuple(normals.shape)}.")
-    if ENABLED and not bool(torch.isfinite(normals).all()):
+    if check_finite and ENABLED and not bool(torch.isfinite(normals).all()):
         raise ValueError(f"{name} contains NaN or Inf values.")
     return normals
+
+
+def valid_rows(name: str, values: Tensor, lengths: Tensor) -> Tensor:
+    """``values (B, N, C)`` with its padding rows (index ``>= lengths[b]``) set to 0, after checking
+    that the valid rows are finite: padding may hold anything, NaN included, and is ignored."""
+    mask = lengths_mask(lengths, values.shape[1])[..., None]
+    if ENABLED and not bool((torch.isfinite(values) | ~mask).all()):
+        raise ValueError(f"{name} contains NaN or Inf values (in points before its length).")
+    if bool(mask.all()):
+        return values
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -96,10 +96,11 @@ def _twist_norms(new, old, out):
 
 
 @_njit()
-def _gauss_newton_update(partial, active, damping, floor, old, new):
+def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new):
     """One damped Gauss-Newton step from the sums ``partial (B, chunks, 32)`` of the plane pass,
-    for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = damping |trace A| / 6 +
-    floor`` (as :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
+    for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = d |trace A| / 6 +
+    floor``, ``d = damping``, or ``weak_damping`` where the damped matrix is (near) singular (as
+    :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
     exp(omega) R``, ``t <- exp(omega) t + v``."""
     B = partial.shape[0]
     m = np.empty(_PLANE_SUMS)
@@ -118,9 +119,15 @@ def _gauss_newton_update(partial, active, damping, floor, old, new):
                 A[k, i] = m[v]
                 v += 1
             g[i] = m[22 + i]
-        lam = damping * abs(A[0, 0] + A[1, 1] + A[2, 2] + A[3, 3] + A[4, 4] + A[5, 5]) / 6.0 + floor
+        trace = abs(A[0, 0] + A[1, 1] + A[2, 2] + A[3, 3] + A[4, 4] + A[5, 5])
+        lam = damping * trace / 6.0 + floor
         for i in range(6):
             A[i, i] += lam
+        if weak_damping > damping:
+            ev = np.linalg.eigvalsh(A)
+            if not ev[0] > weak_damping * ev[5]:
+                for i in range(6):
+                    A[i, i] += (weak_damping - damping) * trace / 6.0
         xi = -np.linalg.solve(A, g)
         # Rodrigues, with the series of diffcp.geometry.so3_exp near zero
         w0, w1, w2 = xi[0], xi[1], xi[2]
@@ -146,7 +153,7 @@ def _gauss_newton_update(partial, active, damping, floor, old, new):
 
 @_njit()
 def _advance(T, T_new, active, group, converged, count, errors, it, w_sum, r2_sum, tolerance, trans_tol, tiny,
-             single):
+             single, relative_rmse):
     """The bookkeeping of one iteration of the freezing loop for the clouds of ``group``: round the
     active clouds' new transforms to float32 when ``single``, test convergence on the twist between
     the old and the new transform (as :func:`_twist_norms`), record the cost at the old transform
@@ -171,6 +178,9 @@ def _advance(T, T_new, active, group, converged, count, errors, it, w_sum, r2_su
                     T[b, i, k] = T_new[b, i, k]
             count[b] += 1
             if norms[0, 0] <= tolerance and norms[0, 1] <= trans_tol[b]:
+                converged[b] = True
+            elif relative_rmse > 0 and it > 0 and \
+                    abs(errors[b, it - 1] - errors[b, it]) <= relative_rmse * errors[b, it - 1]:
                 converged[b] = True
         elif it > 0:
             errors[b, it] = errors[b, it - 1]
@@ -198,7 +208,7 @@ def _group_size(B: int, N: int, M: int) -> int:
     return int(max(1, min(B, GROUP_BYTES // (72 * N + 136 * M))))
 
 
-def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale):
+def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale, relative_rmse):
     """The freezing loop of :func:`diffcp.icp` on float64 host arrays, group of clouds by group
     (:data:`GROUP_BYTES`); ``pass_and_update(T, warm, active, T_new)`` runs one fused pass, writes
     the updated transforms of the active clouds into ``T_new`` and returns ``(indices, weight sums
@@ -232,7 +242,7 @@ def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, 
             warm = idx if index.warm_start else None
             last = it
             if _advance(T, T_new, active, group, converged, count, errors, it, w_sum, r2_sum, tolerance, trans_tol,
-                        tiny, single):
+                        tiny, single, float(relative_rmse)):
                 break
         if last >= 0:
             errors[group, last + 1:] = errors[group, last][:, None]
@@ -246,7 +256,7 @@ def _loop(pass_and_update, index, source, weights, init, iterations, tolerance, 
 
 
 def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: Tensor, init: Tensor,
-                       iterations: int, tolerance: float, scale: Tensor
+                       iterations: int, tolerance: float, scale: Tensor, relative_rmse: float = 0.0
                        ) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The freezing ICP loop of :func:`diffcp.icp` for hard-NN point-to-point Procrustes, compiled.
 
@@ -255,6 +265,7 @@ def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: T
         source: ``(B, N, 3)``; weights ``(B, N)`` (selection times padding); source_lengths ``(B,)``.
         init: ``(B, 4, 4)`` starting transforms; iterations, tolerance: as in :func:`diffcp.icp`;
         scale: ``(B,)`` cloud radii (the translation tolerance is ``tolerance * scale``).
+        relative_rmse: a cloud also stops when its RMS error changes by at most this fraction.
 
     Returns:
         ``(T (B, 4, 4), converged (B,), count (B,), errors (B, iterations run))`` on the source's
@@ -272,29 +283,30 @@ def run_point_to_point(index, source: Tensor, weights: Tensor, source_lengths: T
         moments = partial.sum(1)
         return idx, moments[:, 0], moments[:, 16]
 
-    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale)
+    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale, relative_rmse)
 
 
 def run_gauss_newton(index, source: Tensor, weights: Tensor, source_lengths: Tensor, target_normals: Tensor,
                      source_normals: Optional[Tensor], init: Tensor, iterations: int, tolerance: float,
-                     scale: Tensor, damping: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                     scale: Tensor, damping: float, relative_rmse: float = 0.0
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The freezing ICP loop of :func:`diffcp.icp` for hard-NN point-to-plane (``source_normals``
     None) or symmetric ICP with one damped Gauss-Newton step per iteration (``solver="linear"``),
     compiled. ``target_normals``: ``(B, M, 3)`` of the index's points; ``source_normals``: ``(B, N,
     3)`` in the source frame; ``damping`` as in :func:`diffcp.minimize.damped_solve`. Other
     arguments and the result as :func:`run_point_to_point`."""
     grid = index._grid_index()
-    d = max(float(damping), _EPS_FLOOR * torch.finfo(source.dtype).eps)
+    weak = max(float(damping), _EPS_FLOOR * torch.finfo(source.dtype).eps)
     floor = torch.finfo(source.dtype).tiny ** 0.5
 
     def pass_and_update(T, warm, active, T_new):
         partial, idx = grid.plane_normal_equations(source, T, weights, source_lengths, target_normals, warm,
                                                    index.warm_neighbors, active=active, source_normals=source_normals)
-        _gauss_newton_update(partial, active, d, floor, T, T_new)
+        _gauss_newton_update(partial, active, float(damping), weak, floor, T, T_new)
         sums = partial.sum(1)
         return idx, sums[:, 0], sums[:, 28]
 
-    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale)
+    return _loop(pass_and_update, index, source, weights, init, iterations, tolerance, scale, relative_rmse)
 
 
 def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weights: Tensor,

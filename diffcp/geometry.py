@@ -40,6 +40,39 @@ __all__ = [
 _SMALL_ANGLE = 1e-3
 
 
+def _check(name: str, x, suffix: Tuple[int, ...]) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``x`` is a float32/float64 tensor shaped ``(..., *suffix)``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (..., {', '.join(map(str, suffix))}); "
+                        f"got {type(x).__name__}.")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must have a floating-point dtype (float32 or float64); got {x.dtype}.")
+    if x.dim() < len(suffix) or tuple(x.shape[-len(suffix):]) != suffix:
+        raise ValueError(f"{name} must have shape (..., {', '.join(map(str, suffix))}); got {tuple(x.shape)}.")
+
+
+def _check_rotation(name: str, R: Tensor) -> None:
+    """Also, while checks are enabled, that ``R`` holds finite rotations (orthonormal, det +1)."""
+    _check(name, R, (3, 3))
+    from . import checks  # checks imports nothing from here; imported late to keep this module first
+
+    if checks.ENABLED and R.numel():
+        with torch.no_grad():
+            Rd = R.detach().reshape(-1, 3, 3)
+            tol = 10 * torch.finfo(R.dtype).eps ** 0.5
+            eye = torch.eye(3, dtype=R.dtype, device=R.device)
+            bad = ~torch.isfinite(Rd).all() or bool(((Rd.transpose(-1, -2) @ Rd - eye).abs() > tol).any())
+            if bad or bool((torch.linalg.det(Rd) < 0).any()):
+                raise ValueError(f"{name} must hold rotation matrices (orthonormal, det +1, finite).")
+
+
+def _check_range(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (low <= value <= high):
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}]; got {value!r}.")
+    return float(value)
+
+
 def hat(v: Tensor) -> Tensor:
     """Skew-symmetric matrix of a 3-vector: ``hat(v) @ u == cross(v, u)``.
 
@@ -72,6 +105,7 @@ def so3_exp(omega: Tensor) -> Tensor:
         >>> torch.allclose(R @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
         True
     """
+    _check("omega", omega, (3,))
     theta2 = (omega * omega).sum(-1, keepdim=True)[..., None]  # (..., 1, 1)
     small = theta2 < _SMALL_ANGLE**2
     safe2 = torch.where(small, torch.ones_like(theta2), theta2)
@@ -94,6 +128,7 @@ def so3_log(R: Tensor) -> Tensor:
     Returns:
         ``(..., 3)`` rotation vectors.
     """
+    _check_rotation("R", R)
     trace = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
     cos = ((trace - 1) / 2).clamp(-1.0, 1.0)
     # vee of the antisymmetric part: sin(theta) * axis
@@ -120,6 +155,8 @@ def so3_log(R: Tensor) -> Tensor:
 
 def make_transform(rotation: Tensor, translation: Tensor) -> Tensor:
     """Stack ``R (..., 3, 3)`` and ``t (..., 3)`` into homogeneous ``(..., 4, 4)`` matrices."""
+    _check("rotation", rotation, (3, 3))
+    _check("translation", translation, (3,))
     top = torch.cat([rotation, translation[..., :, None]], dim=-1)
     bottom = torch.zeros(top.shape[:-2] + (1, 4), dtype=top.dtype, device=top.device)
     bottom[..., 0, 3] = 1
@@ -148,6 +185,10 @@ def transform_points(transform: Tensor, points: Tensor) -> Tensor:
     Returns:
         ``(..., N, 3)``.
     """
+    _check("transform", transform, (4, 4))
+    _check("points", points, (3,))
+    if points.dtype != transform.dtype:
+        raise TypeError(f"points have dtype {points.dtype} but transform has {transform.dtype}; use one dtype.")
     R, t = split_transform(transform)
     return points @ R.transpose(-1, -2) + t[..., None, :]
 
@@ -194,11 +235,15 @@ def rotation_angle(rotation: Tensor) -> Tensor:
 
 def rotation_error(predicted: Tensor, expected: Tensor) -> Tensor:
     """Geodesic distance between rotations, in degrees: the angle of ``predicted^T expected``."""
+    _check_rotation("predicted", predicted)
+    _check_rotation("expected", expected)
     return torch.rad2deg(rotation_angle(predicted.transpose(-1, -2) @ expected))
 
 
 def translation_error(predicted: Tensor, expected: Tensor) -> Tensor:
     """Euclidean distance between translations ``(..., 3)``."""
+    _check("predicted", predicted, (3,))
+    _check("expected", expected, (3,))
     return (predicted - expected).norm(dim=-1)
 
 
@@ -215,6 +260,9 @@ def random_rotation(
     Returns:
         ``(batch_size, 3, 3)``.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative integer; got {batch_size!r}.")
+    max_angle = _check_range("max_angle", max_angle, 0.0, math.pi)
     axis = torch.randn(batch_size, 3, generator=generator, dtype=torch.float64)
     axis = axis / axis.norm(dim=-1, keepdim=True)
     angle = torch.rand(batch_size, 1, generator=generator, dtype=torch.float64) * max_angle
@@ -232,6 +280,7 @@ def random_transform(
 ) -> Tensor:
     """Random rigid transforms ``(batch_size, 4, 4)``: :func:`random_rotation` and a translation
     with every component uniform in ``[-max_translation, max_translation]``."""
+    max_translation = _check_range("max_translation", max_translation, 0.0, math.inf)
     R = random_rotation(batch_size, max_angle, generator=generator, dtype=torch.float64)
     t = (torch.rand(batch_size, 3, generator=generator, dtype=torch.float64) * 2 - 1) * max_translation
     return make_transform(R, t).to(dtype=dtype, device=device)

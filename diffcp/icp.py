@@ -81,6 +81,11 @@ class ICPResult(NamedTuple):
         errors: ``(B, K)`` weighted RMS residual at the correspondences of each of the K
             iterations run (a cloud that converged repeats its last value).
         final_error: ``(B,)`` the weighted RMS residual of the last iteration.
+        fitness: ``(B,)`` at the returned transform, the share of the selected source points that
+            are matched and not rejected (soft rejections count by their weight); with a hard
+            :class:`~diffcp.DistanceRejection` this is Open3D's ``fitness``. No gradient.
+        inlier_rmse: ``(B,)`` at the returned transform, the RMS Euclidean distance from those
+            points to their matches (Open3D's ``inlier_rmse``). No gradient.
     """
 
     transform: Tensor
@@ -90,6 +95,8 @@ class ICPResult(NamedTuple):
     iterations: Tensor
     errors: Tensor
     final_error: Tensor
+    fitness: Tensor
+    inlier_rmse: Tensor
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -176,12 +183,13 @@ def _run_compiled(p: Problem, T: Tensor, iterations: int, tolerance: float):
     """The compiled CPU loop (:mod:`diffcp.fused`) where it applies, else None."""
     if not (p.fused or p.fused_linear) or p.needs_graph(T):
         return None
+    rel = p.settings.stopping.relative_rmse
     if p.fused:
         return run_point_to_point(p.index, p.source, p.source_weights, p.source_lengths, T, iterations,
-                                  tolerance, p.scale)
+                                  tolerance, p.scale, rel)
     symmetric = p.source_normals if p.settings.metric == "symmetric" else None
     return run_gauss_newton(p.index, p.source, p.source_weights, p.source_lengths, p.target_normals, symmetric, T,
-                            iterations, tolerance, p.scale, p.settings.solver.damping)
+                            iterations, tolerance, p.scale, p.settings.solver.damping, rel)
 
 
 def _run(p: Problem, T: Tensor, iterations: int, tolerance: float, freeze: bool):
@@ -202,6 +210,9 @@ def _run(p: Problem, T: Tensor, iterations: int, tolerance: float, freeze: bool)
         with torch.no_grad():
             xi = twist_between(T_new, T)
             small = (xi[:, :3].norm(dim=-1) <= tolerance) & (xi[:, 3:].norm(dim=-1) <= tolerance * p.scale)
+            if errors and p.settings.stopping.relative_rmse > 0:
+                prev = errors[-1].detach()
+                small = small | ((prev - err.detach()).abs() <= p.settings.stopping.relative_rmse * prev)
         if freeze:
             T = torch.where(converged[:, None, None], T, T_new)
             err = torch.where(converged, errors[-1], err) if errors else err
@@ -231,8 +242,11 @@ class _ImplicitGradient(torch.autograd.Function):
         A = (eye - J).transpose(-1, -2)
         # (I - J)^T is singular along directions the data do not determine (a symmetric shape):
         # a slightly damped least-squares solve keeps the gradient finite there and exact elsewhere.
+        # The damping is relative to the trace and never below the dtype's rounding (64 eps), or
+        # float32 would round it away next to an exactly rank-deficient matrix (a planar shape).
         AtA = A.transpose(-1, -2) @ A
-        lam = 1e-12 * AtA.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
+        rel = max(1e-12, 64 * torch.finfo(J.dtype).eps)
+        lam = rel * AtA.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
         u = torch.linalg.solve(AtA + lam[:, None, None] * eye, (A.transpose(-1, -2) @ g[..., None]))[..., 0]
         return u, None
 
@@ -374,12 +388,33 @@ def icp(source: Tensor, target: Tensor, settings: Optional[ICPSettings] = None, 
         T, converged, count, errors = _solve(problem)
     if checks_enabled:
         _warn_if_ambiguous(problem, T.detach())
+    with checks.disabled():
+        fitness, inlier_rmse = _evaluate(problem, T.detach())
+    T = problem.to_caller_frames(T)
     R, t = split_transform(T)
-    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1])
+    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1], fitness, inlier_rmse)
     return ICPResult(*(f[0] for f in out)) if unbatched else out
 
 
 # ----------------------------------------------------------------------------- diagnostics
+def _evaluate(p: Problem, T: Tensor):
+    """``(fitness (B,), inlier_rmse (B,))`` of the matches at ``T`` (see :class:`ICPResult`)."""
+    with torch.no_grad():
+        R, _ = split_transform(T)
+        y = transform_points(T, p.source)
+        ny = rotate_vectors(R, p.source_normals) if p.source_normals is not None else None
+        match = _match(p, y)
+        w = p.source_weights * match.valid.to(T.dtype)
+        for opt, t in zip(p.settings.rejection, p.rejection_temperatures):
+            w = w * (reject_by_distance(match.sq_distances, opt.max_distance, t) if isinstance(opt, DistanceRejection)
+                     else reject_by_normal_angle(ny, match.normals, opt.max_angle, t))
+        tiny = torch.finfo(T.dtype).tiny
+        fitness = w.sum(1) / p.source_weights.sum(1).clamp_min(tiny)
+        d2 = torch.where(w > 0, match.sq_distances.clamp_min(0), torch.zeros_like(w))
+        inlier_rmse = ((w * d2).sum(1) / w.sum(1).clamp_min(tiny)).sqrt()
+        return fitness, inlier_rmse
+
+
 def _warn_if_ambiguous(p: Problem, T: Tensor) -> None:
     """Warn (once, naming the clouds) where the data do not determine the transform.
 

@@ -51,6 +51,16 @@ class Problem:
     camera_pose: Optional[Tensor] = None  # projective: (B, 4, 4)
     fused: bool = False  # hard-NN point-to-point Procrustes without options: fused CPU pass allowed
     fused_linear: bool = False  # hard-NN point-to-plane / symmetric Gauss-Newton without options
+    source_offset: Optional[Tensor] = None  # (B, 3): the clouds are solved in centred frames
+    target_offset: Optional[Tensor] = None
+
+    def to_input_frames(self, T: Tensor) -> Tensor:
+        """A transform between the caller's frames -> between the centred frames."""
+        return _shifted(T, -self.source_offset, -self.target_offset)
+
+    def to_caller_frames(self, T: Tensor) -> Tensor:
+        """A transform between the centred frames -> between the caller's frames."""
+        return _shifted(T, self.source_offset, self.target_offset)
 
     def inputs(self) -> List[Tensor]:
         """The tensors a gradient can flow to (data, init and temperatures)."""
@@ -70,11 +80,14 @@ def build_problem(settings: ICPSettings, source, target, *, init=None, source_no
     Raises:
         ValueError, TypeError: naming the argument and what was expected.
     """
-    source, unbatched = checks.as_batched_points("source", source, min_points=3)
+    source, unbatched = checks.as_batched_points("source", source, min_points=3, check_finite=False)
     B, N, _ = source.shape
     source_lengths = checks.check_lengths("source_lengths", source_lengths, B, N, source.device, min_points=3)
+    source = checks.valid_rows("source", source, source_lengths)
     if source_normals is not None:
-        source_normals = checks.check_normals("source_normals", source_normals, source, "source", unbatched)
+        source_normals = checks.check_normals("source_normals", source_normals, source, "source", unbatched,
+                                              check_finite=False)
+        source_normals = checks.valid_rows("source_normals", source_normals, source_lengths)
     corr = settings.correspondence
     if isinstance(corr, ProjectiveAssociation):
         if target_lengths is not None:
@@ -94,19 +107,77 @@ def build_problem(settings: ICPSettings, source, target, *, init=None, source_no
                 source_weights=weights.to(source.dtype), target=target, target_normals=target_normals,
                 target_lengths=target_lengths, init=T0, scale=cloud_scale(source.detach(), source_lengths),
                 intrinsics=intrinsics, camera_pose=camera_pose)
+    _centre(p)
     _resolve_temperatures(p)
     _plan_fast_paths(p)
     return p, unbatched
 
 
+def _centroid(points: Tensor, lengths: Tensor) -> Tensor:
+    with torch.no_grad():
+        mask = checks.lengths_mask(lengths, points.shape[1]).to(points.dtype)[..., None]
+        return (points * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _shifted(T: Tensor, source_shift: Tensor, target_shift: Tensor) -> Tensor:
+    """``x -> T(x - source_shift) + target_shift`` as a ``(B, 4, 4)`` transform."""
+    R, t = T[:, :3, :3], T[:, :3, 3]
+    t_new = t - (R @ source_shift[..., None])[..., 0] + target_shift
+    return torch.cat([torch.cat([R, t_new[..., None]], -1), T[:, 3:]], 1)
+
+
+def _check_magnitude(name: str, centred: Tensor, lengths: Tensor) -> None:
+    """Refuse clouds whose extent the dtype cannot square: ICP sums squared coordinates, which
+    overflow above ``sqrt(max)`` and vanish below ``sqrt(tiny)`` (about 1.8e19 and 1.1e-19 in
+    float32). Rescale the clouds (and the thresholds) or use float64."""
+    if not checks.ENABLED:
+        return
+    finfo = torch.finfo(centred.dtype)
+    radius = cloud_scale(centred, lengths)
+    extent = centred.detach().abs().amax((1, 2))
+    big, small = extent > finfo.max ** 0.5 / 1e3, (radius < finfo.tiny ** 0.5 * 1e3) & (extent > 0)
+    if bool(big.any()) or bool(small.any()):
+        what = "spread over more than" if bool(big.any()) else "spread over less than"
+        limit = finfo.max ** 0.5 / 1e3 if bool(big.any()) else finfo.tiny ** 0.5 * 1e3
+        clouds = (big | small).nonzero().flatten().tolist()
+        raise ValueError(f"{name} clouds {clouds} are {what} {limit:.1e} about their centroid, beyond what "
+                         f"{centred.dtype} can square; rescale the clouds (and the distance thresholds) or use "
+                         "float64.")
+
+
+def _centre(p: Problem) -> None:
+    """Solve in frames centred on the clouds, so that the answer does not depend on where they sit.
+
+    The source moves by its centroid ``c_s`` and the target by its centroid ``c_t`` (for projective
+    association, the world and the camera move by ``c_s``). The offsets carry no gradient: ICP is
+    equivariant under these shifts, so the result depends on them only through rounding. Far from
+    the origin, the linearised solvers would otherwise couple rotation and translation badly
+    (a twist acts about the origin), and float32 would lose the cloud's detail to its offset.
+    """
+    p.source_offset = _centroid(p.source, p.source_lengths)
+    p.source = p.source - p.source_offset[:, None]
+    _check_magnitude("source", p.source, p.source_lengths)
+    if p.intrinsics is None:
+        p.target_offset = _centroid(p.target, p.target_lengths)
+        p.target = p.target - p.target_offset[:, None]
+        _check_magnitude("target", p.target, p.target_lengths)
+    else:
+        p.target_offset = p.source_offset
+        p.camera_pose = _shifted(p.camera_pose, torch.zeros_like(p.source_offset), -p.source_offset)
+    p.init = p.to_input_frames(p.init)
+
+
 def _check_target(target, target_normals, target_lengths, B: int, source: Tensor):
-    target, t_unbatched = checks.as_batched_points("target", target, min_points=3)
+    target, t_unbatched = checks.as_batched_points("target", target, min_points=3, check_finite=False)
     if target.shape[0] != B:
         raise ValueError(f"target holds {target.shape[0]} clouds but source holds {B}; the batch sizes must match.")
     target_lengths = checks.check_lengths("target_lengths", target_lengths, B, target.shape[1], source.device,
                                           min_points=3)
+    target = checks.valid_rows("target", target, target_lengths)
     if target_normals is not None:
-        target_normals = checks.check_normals("target_normals", target_normals, target, "target", t_unbatched)
+        target_normals = checks.check_normals("target_normals", target_normals, target, "target", t_unbatched,
+                                              check_finite=False)
+        target_normals = checks.valid_rows("target_normals", target_normals, target_lengths)
     return target, target_normals, target_lengths
 
 
@@ -128,7 +199,7 @@ def _check_normals_needed(settings: ICPSettings, source_normals, target_normals)
 def _check_init(init, source: Tensor, B: int) -> Tensor:
     if init is None:
         return torch.eye(4, dtype=source.dtype, device=source.device).expand(B, 4, 4)
-    T0 = checks.check_transform("init", init, B)
+    T0 = checks.check_transform("init", init, B, rigid=True)
     if T0.dtype != source.dtype:
         raise TypeError(f"init has dtype {T0.dtype} but source has {source.dtype}; use one floating-point dtype.")
     return T0
@@ -140,6 +211,11 @@ def _select(settings: ICPSettings, source_mask, source_lengths: Tensor, N: int, 
     if source_mask is not None:
         if unbatched and isinstance(source_mask, Tensor) and source_mask.dim() == 1:
             source_mask = source_mask[None]
+        if isinstance(source_mask, Tensor) and source_mask.shape != valid.shape:
+            raise ValueError(f"source_mask must have shape {tuple(valid.shape)}, one flag per source point; "
+                             f"got {tuple(source_mask.shape)}.")
+        if isinstance(source_mask, Tensor) and source_mask.device != valid.device:
+            raise ValueError(f"source_mask is on {source_mask.device} but source is on {valid.device}.")
         valid = select_mask(source_mask, source_lengths)
     sel = settings.selection
     if sel is not None:
@@ -216,8 +292,9 @@ def _plan_fast_paths(p: Problem) -> None:
 
 
 def _check_projective(option: ProjectiveAssociation, depth, normal_map, B: int, source: Tensor):
-    if not isinstance(depth, Tensor) or not depth.is_floating_point():
-        raise TypeError("target must be a floating-point depth map (H, W) or (B, H, W) for projective association.")
+    if not isinstance(depth, Tensor) or depth.dtype != source.dtype:
+        raise TypeError(f"target must be a depth map (H, W) or (B, H, W) of the source's dtype {source.dtype} for "
+                        f"projective association; got {getattr(depth, 'dtype', type(depth).__name__)}.")
     if depth.dim() == 2:
         depth = depth[None]
     if depth.dim() != 3 or depth.shape[0] != B:
@@ -239,4 +316,8 @@ def _check_projective(option: ProjectiveAssociation, depth, normal_map, B: int, 
         if not isinstance(normal_map, Tensor) or normal_map.shape != depth.shape + (3,):
             raise ValueError(f"target_normals must be a normal map of shape {tuple(depth.shape) + (3,)} for "
                              f"projective association; got {tuple(getattr(normal_map, 'shape', ()))}.")
+        if normal_map.dtype != source.dtype:
+            raise TypeError(f"target_normals has dtype {normal_map.dtype} but source has {source.dtype}.")
+        if checks.ENABLED and not bool(torch.isfinite(normal_map).all()):
+            raise ValueError("target_normals (the normal map) contains NaN or Inf values.")
     return depth, normal_map, intrinsics, camera_pose

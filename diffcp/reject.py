@@ -33,7 +33,9 @@ from .weight import (
     _check_valid,
     _check_values,
     _clean,
+    finite_distances,
     safe_sqrt,
+    usable_normals,
 )
 
 __all__ = ["reject_by_distance", "reject_by_normal_angle"]
@@ -71,7 +73,8 @@ def reject_by_distance(
         max_distance: positive number or tensor broadcastable to ``(B, N)``, in distance units.
         temperature: non-negative number or tensor broadcastable to ``(B, N)`` (all zero or all
             positive), in distance units.
-        valid: optional ``(B, N)`` bool; False entries get 0.
+        valid: optional ``(B, N)`` bool; False entries get 0, and so do pairs with a NaN or
+            infinite distance, or a zero or NaN normal.
 
     Returns:
         ``(B, N)`` weights in ``[0, 1]``, dtype of ``sq_distances``.
@@ -85,7 +88,7 @@ def reject_by_distance(
     sq_distances = _check_values("sq_distances", sq_distances)
     max_distance = _check_param("max_distance", max_distance, sq_distances.shape)
     temperature = _check_temperature(temperature, sq_distances.shape)
-    valid = _check_valid(valid, sq_distances.shape)
+    valid = finite_distances(sq_distances, _check_valid(valid, sq_distances.shape))
     d = safe_sqrt(_clean(sq_distances, valid))
     if _is_hard(temperature):
         w = (d <= max_distance).to(sq_distances.dtype)
@@ -117,7 +120,8 @@ def reject_by_normal_angle(
             ``(B, N)``); 180 keeps everything in the hard test, even ``c`` rounded below -1.
         temperature: non-negative number or tensor broadcastable to ``(B, N)`` (all zero or all
             positive).
-        valid: optional ``(B, N)`` bool; False entries get 0.
+        valid: optional ``(B, N)`` bool; False entries get 0, and so do pairs with a NaN or
+            infinite distance, or a zero or NaN normal.
 
     Returns:
         ``(B, N)`` weights in ``[0, 1]``.
@@ -134,7 +138,7 @@ def reject_by_normal_angle(
     if too_big:
         raise ValueError(f"max_angle_deg must lie in (0, 180] degrees; got {max_angle_deg!r}.")
     temperature = _check_temperature(temperature, shape)
-    valid = _check_valid(valid, shape)
+    valid = usable_normals(source_normals, target_normals, _check_valid(valid, shape))
     if isinstance(max_angle_deg, Tensor):
         cos_max = torch.cos(torch.deg2rad(max_angle_deg))
     else:

@@ -363,15 +363,19 @@ class Stopping:
         tolerance: a cloud stops when its update rotates by less than ``tolerance`` radians and
             translates by less than ``tolerance`` times the RMS radius of its source cloud; 0 runs
             every iteration.
+        relative_rmse: a cloud also stops when its weighted RMS error changes by at most this
+            fraction of its previous value (Open3D's and PyTorch3D's criterion); 0 turns it off.
     """
 
     max_iterations: int = 30
     tolerance: float = 1e-6
+    relative_rmse: float = 0.0
     name: ClassVar[str] = "stopping"
 
     def __post_init__(self):
         _set(self, "max_iterations", _count(self, "max_iterations", self.max_iterations))
         _set(self, "tolerance", _positive(self, "tolerance", self.tolerance, allow_zero=True))
+        _set(self, "relative_rmse", _positive(self, "relative_rmse", self.relative_rmse, allow_zero=True))
 
 
 @dataclass(frozen=True)

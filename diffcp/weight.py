@@ -76,6 +76,23 @@ def _apply_valid(weights: Tensor, valid: Optional[Tensor]) -> Tensor:
     return weights if valid is None else torch.where(valid, weights, torch.zeros_like(weights))
 
 
+def finite_distances(sq_distances: Tensor, valid: Optional[Tensor]) -> Optional[Tensor]:
+    """``valid`` narrowed to the pairs whose squared distance is finite: a NaN or infinite distance
+    (no match) never gets weight. (A slightly negative one, from rounding, counts as 0.)"""
+    ok = torch.isfinite(sq_distances)
+    return ok if valid is None else ok & valid
+
+
+def usable_normals(source_normals: Tensor, target_normals: Tensor, valid: Optional[Tensor]) -> Optional[Tensor]:
+    """``valid`` narrowed to the pairs whose normals are both finite and of length near 1 (a zero
+    or NaN normal has no direction, so no angle or agreement can be measured for it)."""
+    def unit(n):
+        length2 = (torch.where(torch.isfinite(n), n, torch.zeros_like(n)) ** 2).sum(-1)
+        return torch.isfinite(n).all(-1) & (length2 > 0.25)
+    ok = unit(source_normals) & unit(target_normals)
+    return ok if valid is None else ok & valid
+
+
 def safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(max(x, 0))`` with gradient 0 (instead of Inf/NaN) where ``x <= 0``."""
     positive = x > 0
@@ -108,7 +125,8 @@ def distance_weights(
         sq_distances: ``(B, N)`` squared source-to-match distances (``Correspondences.sq_distances``).
         max_distance: positive number, or a tensor broadcastable to ``(B, N)`` (e.g. ``(B, 1)``
             per cloud); the distance at which the weight reaches 0. Differentiable.
-        valid: optional ``(B, N)`` bool; False entries get weight 0.
+        valid: optional ``(B, N)`` bool; False entries get weight 0, and so do pairs with a NaN
+            or infinite value (see :func:`finite_distances`, :func:`usable_normals`).
 
     Returns:
         ``(B, N)`` weights in ``[0, 1]``, dtype and device of ``sq_distances``.
@@ -119,7 +137,7 @@ def distance_weights(
     """
     sq_distances = _check_values("sq_distances", sq_distances)
     max_distance = _check_param("max_distance", max_distance, sq_distances.shape)
-    valid = _check_valid(valid, sq_distances.shape)
+    valid = finite_distances(sq_distances, _check_valid(valid, sq_distances.shape))
     d = safe_sqrt(_clean(sq_distances, valid))
     return _apply_valid((1 - d / max_distance).clamp(0.0, 1.0), valid)
 
@@ -135,7 +153,8 @@ def normal_weights(
     Args:
         source_normals: ``(B, N, 3)``.
         target_normals: ``(B, N, 3)``, the normal of each source point's match.
-        valid: optional ``(B, N)`` bool; False entries get weight 0.
+        valid: optional ``(B, N)`` bool; False entries get weight 0, and so do pairs with a NaN
+            or infinite value (see :func:`finite_distances`, :func:`usable_normals`).
 
     Returns:
         ``(B, N)`` weights in ``[0, 1]``.
@@ -146,7 +165,7 @@ def normal_weights(
         tensor([[0.8000, 0.0000]])
     """
     _check_normal_pair(source_normals, target_normals)
-    valid = _check_valid(valid, source_normals.shape[:-1])
+    valid = usable_normals(source_normals, target_normals, _check_valid(valid, source_normals.shape[:-1]))
     dot = (_clean(source_normals, valid) * _clean(target_normals, valid)).sum(-1)
     return _apply_valid(dot.clamp(0.0, 1.0), valid)
 
@@ -182,7 +201,8 @@ def robust_weights(
             dimension is the ``r`` above. Only ``r^2`` is used, so there is no square root at 0.
         kernel: ``"huber"``, ``"tukey"``, ``"cauchy"`` or ``"geman_mcclure"``.
         scale: positive number, or a tensor broadcastable to ``(B, N)``; differentiable.
-        valid: optional ``(B, N)`` bool; False entries get weight 0.
+        valid: optional ``(B, N)`` bool; False entries get weight 0, and so do residuals with
+            a NaN or infinite entry.
 
     Returns:
         ``(B, N)`` weights in ``[0, 1]``.
@@ -199,7 +219,8 @@ def robust_weights(
         raise ValueError(f"residuals must have shape (B, N) or (B, N, k); got {tuple(residuals.shape)}.")
     shape = residuals.shape[:2]
     scale = _check_param("scale", scale, shape)
-    valid = _check_valid(valid, shape)
+    finite = torch.isfinite(residuals) if residuals.dim() == 2 else torch.isfinite(residuals).all(-1)
+    valid = finite if valid is None else finite & _check_valid(valid, shape)
     r = _clean(residuals, valid)
     r2 = r * r if r.dim() == 2 else (r * r).sum(-1)
     u2 = r2 / (scale * scale)

@@ -173,8 +173,17 @@ def test_parity_with_open3d(shape, kind):
     solver = "procrustes" if kind == "point_to_point" else "gauss_newton"
     out = diffcp.icp(src, tgt, target_normals=tgt_n, metric=kind, solver=solver,
                      stopping=diffcp.Stopping(max_iterations=iters, tolerance=0))
-    assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-3  # degrees
-    assert (out.translation - T_o3d[:3, 3]).norm() < 1e-4
+    if kind == "point_to_point":  # Procrustes does not depend on the frame: the same iterates
+        assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-3  # degrees
+        assert (out.translation - T_o3d[:3, 3]).norm() < 1e-4
+    else:
+        # Open3D linearises about the origin of the caller's frame, diffcp about the clouds'
+        # centroids (so that a rigid motion of the clouds cannot change the answer): the fixed points
+        # of the two Gauss-Newton maps are the same, but the paths to them can end in neighbouring
+        # correspondence sets (0.003 degrees apart on bumpy_sphere_2, equal on the others).
+        assert rotation_error(out.rotation, T_o3d[:3, :3]) < 1e-2  # degrees
+        assert (out.translation - T_o3d[:3, 3]).norm() < 1e-3
+        assert float(out.inlier_rmse) == pytest.approx(res.inlier_rmse, rel=1e-4)
     if shape.startswith("bumpy") and kind == "point_to_plane":  # no symmetry, fast convergence: the truth
         assert rotation_error(out.rotation, T[:3, :3]) < 2.0
 

@@ -35,8 +35,9 @@ def _naive_residuals(metric, y, q, nq, ny):
                 rows.append(d)
             elif metric == "point_to_plane":
                 rows.append([np.dot(d, nq[b, i].numpy())])
-            else:
-                rows.append([np.dot(d, ny[b, i].numpy() + nq[b, i].numpy())])
+            else:  # the target normal is flipped to face the source normal (as Open3D orients the pair)
+                n_q = nq[b, i].numpy() * (1.0 if np.dot(ny[b, i].numpy(), nq[b, i].numpy()) >= 0 else -1.0)
+                rows.append([np.dot(d, ny[b, i].numpy() + n_q)])
         out.append(rows)
     return np.asarray(out)
 

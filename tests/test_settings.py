@@ -24,7 +24,7 @@ EXAMPLES = [
     S.DistanceRejection(0.2, temperature=1e-3, learnable=True),
     S.NormalAngleRejection(45.0, temperature=0.05),
     S.RandomSelection(500, seed=7),
-    S.Stopping(max_iterations=12, tolerance=1e-9),
+    S.Stopping(max_iterations=12, tolerance=1e-9, relative_rmse=1e-4),
     S.UnrollBackward(),
     S.TruncatedBackward(iterations=4),
     S.ImplicitBackward(),

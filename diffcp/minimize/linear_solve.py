@@ -9,45 +9,58 @@ from ..checks import check_positive
 
 __all__ = ["damped_solve"]
 
-# The relative damping is never below this many machine epsilons, so that a rank-deficient
-# system stays invertible in float32 (where the default 1e-9 is below the rounding error).
+# Where the system is (near) rank-deficient, the relative damping is raised to this many machine
+# epsilons, so that it stays invertible in float32 (where the default 1e-9 is below the rounding
+# error). Well-conditioned systems keep the damping asked for, so their solution is exact.
 _EPS_FLOOR = 64.0
 
 
-def _damped_matrix(A: Tensor, damping: float) -> Tensor:
-    """``A + lambda I`` with ``lambda = d * |trace(A)| / n + sqrt(tiny)``, d = max(damping, 64 eps)."""
+def _lambda(A: Tensor, d: Tensor) -> Tensor:
+    """``lambda = d * |trace(A)| / n + sqrt(tiny)`` per system, ``d`` of shape ``A.shape[:-2]``."""
     n = A.shape[-1]
-    finfo = torch.finfo(A.dtype)
-    d = max(float(damping), _EPS_FLOOR * finfo.eps)
     trace = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
-    lam = d * trace.abs() / n + finfo.tiny**0.5
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
-    return A + lam[..., None, None] * eye
+    return d * trace.abs() / n + torch.finfo(A.dtype).tiny ** 0.5
+
+
+def _shifted(A: Tensor, lam: Tensor) -> Tensor:
+    return A + lam[..., None, None] * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def _relative_damping(A: Tensor, damping: float):
+    """The relative damping per system and the LU factors of ``A + lambda I``: ``damping`` where
+    that factorisation is well conditioned (smallest over largest pivot above ``64 eps``), else the
+    floor ``max(damping, 64 eps)``."""
+    floor = _EPS_FLOOR * torch.finfo(A.dtype).eps
+    d = torch.full(A.shape[:-2], float(damping), dtype=A.dtype, device=A.device)
+    LU, pivots, _ = torch.linalg.lu_factor_ex(_shifted(A, _lambda(A, d)))
+    if damping < floor:
+        u = torch.diagonal(LU, dim1=-2, dim2=-1).abs()
+        weak = ~(u.amin(-1) > floor * u.amax(-1))  # NaN (a zero pivot) counts as weak
+        if bool(weak.any()):
+            d = torch.where(weak, torch.full_like(d, floor), d)
+            LU, pivots = torch.linalg.lu_factor(_shifted(A, _lambda(A, d)))
+    return d, LU, pivots
 
 
 class _DampedSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: Tensor, b: Tensor, damping: float) -> Tensor:
-        M = _damped_matrix(A, damping)
-        LU, pivots = torch.linalg.lu_factor(M)
+        d, LU, pivots = _relative_damping(A, damping)
         x = torch.linalg.lu_solve(LU, pivots, b[..., None])[..., 0]
-        ctx.damping = damping
-        ctx.save_for_backward(A, LU, pivots, x)
+        ctx.save_for_backward(A, LU, pivots, x, d)
         return x
 
     @staticmethod
     def backward(ctx, grad_x: Tensor):
-        A, LU, pivots, x = ctx.saved_tensors
-        damping = ctx.damping
+        A, LU, pivots, x, d = ctx.saved_tensors
         if torch.is_grad_enabled():
             # double backward: rebuild M from A so that the graph reaches A
-            grad_b = torch.linalg.solve(_damped_matrix(A, damping).transpose(-1, -2), grad_x)
+            grad_b = torch.linalg.solve(_shifted(A, _lambda(A, d)).transpose(-1, -2), grad_x)
         else:
             grad_b = torch.linalg.lu_solve(LU, pivots, grad_x[..., None], adjoint=True)[..., 0]
         grad_M = -grad_b[..., :, None] * x[..., None, :]
         # lambda depends on A through d * |trace(A)| / n
         n = A.shape[-1]
-        d = max(float(damping), _EPS_FLOOR * torch.finfo(A.dtype).eps)
         trace = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
         grad_lam = torch.diagonal(grad_M, dim1=-2, dim2=-1).sum(-1)
         coef = grad_lam * torch.sign(trace) * (d / n)
@@ -58,10 +71,12 @@ class _DampedSolve(torch.autograd.Function):
 def damped_solve(A: Tensor, b: Tensor, damping: float = 1e-9) -> Tensor:
     """Solve ``(A + lambda I) x = b`` for a batch of square systems, differentiably.
 
-    ``lambda = d * |trace(A)| / n + sqrt(tiny)`` with ``d = max(damping, 64 eps)``: relative to
-    the mean diagonal, so scaling ``A`` and ``b`` together leaves ``x`` unchanged, and never so
-    small that a rank-deficient ``A`` (e.g. point-to-plane on collinear points) or an all-zero
-    ``A`` (all weights 0) gives a non-finite ``x`` or gradient. ``A`` need not be symmetric.
+    ``lambda = d * |trace(A)| / n + sqrt(tiny)`` with ``d = damping``, raised to ``64 eps`` for
+    the systems whose damped matrix has a pivot below ``64 eps`` of the largest: relative to the
+    mean diagonal, so scaling ``A`` and ``b`` together leaves ``x`` unchanged; exact (up to
+    ``damping``) for well-posed systems, in float32 too; and never so small that a rank-deficient
+    ``A`` (e.g. point-to-plane on collinear points) or an all-zero ``A`` (all weights 0) gives a
+    non-finite ``x`` or gradient. ``A`` need not be symmetric.
 
     The forward factorises ``M = A + lambda I`` once (``torch.linalg.lu_factor``); the backward
     reuses the factors. Derivation: from ``M x = b``, ``dM x + M dx = db``, so

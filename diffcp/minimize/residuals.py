@@ -12,6 +12,7 @@ metric                    residual ``r``                   Jacobian row(s) ``dr/
 ``"point_to_point"``      ``d`` (k = 3)                    ``[-hat(y), I]``
 ``"point_to_plane"``      ``d . n_q`` (Chen & Medioni)     ``[y x n_q, n_q]``
 ``"symmetric"``           ``d . (n_y + n_q)``              ``[y x n + n_y x d, n]``, n = n_y + n_q
+                          (``n_q`` flipped to face ``n_y``)
 ========================  ===============================  ====================================
 
 The symmetric metric is the objective of Rusinkiewicz (2019), "A symmetric objective function
@@ -22,8 +23,10 @@ used the unrotated source normal, which is wrong as soon as the pose has a rotat
 Relation to Open3D 0.20 (``TransformationEstimationSymmetric``; behaviour checked against the
 installed 0.20.0 wheel in ``tests/test_gauss_newton_lm.py``): its ``compute_rmse`` is
 ``sqrt(mean(r^2))`` with this same residual ``r = d . (n_y + n_q)`` (the source cloud it is given
-carries normals already rotated by the pose; Open3D flips ``n_y`` where ``n_y . n_q < 0``, we do
-not, so normals must be consistently oriented). Its ``compute_transformation`` is Rusinkiewicz's
+carries normals already rotated by the pose). Open3D flips ``n_y`` where ``n_y . n_q < 0``; we
+flip ``n_q`` there (:func:`oriented_target_normals`), which changes only the sign of ``r`` and of
+its Jacobian row, so the squared residual and every step are the same: normals need no
+consistent orientation between the clouds. Its ``compute_transformation`` is Rusinkiewicz's
 *closed-form linearisation*, not a Gauss-Newton step: it centres both clouds on their means,
 solves the linear least squares with rows ``[(s_c + q_c) x n, n]`` and residuals
 ``(s_c - q_c) . n`` (``n`` held fixed) for a *half* rotation ``tan(theta) * axis``, and composes
@@ -92,11 +95,19 @@ def _validate(metric, y, q, target_normals, source_normals) -> None:
         _check_cloud("source_normals", source_normals, y, "y")
 
 
+def oriented_target_normals(ny: Tensor, nq: Tensor) -> Tensor:
+    """``nq`` flipped where it faces away from ``ny``, so that ``ny + nq`` never cancels: the
+    symmetric objective needs consistently oriented normal pairs, and estimated normals have no
+    inherent sign (Open3D orients the pair the same way). The flip carries no gradient."""
+    facing = ((ny * nq).sum(-1, keepdim=True) >= 0).to(nq.dtype)
+    return nq * (2 * facing - 1)
+
+
 def _residuals(metric: str, y: Tensor, q: Tensor, nq: Optional[Tensor], ny: Optional[Tensor]) -> Tensor:
     d = y - q
     if metric == "point_to_point":
         return d
-    n = nq if metric == "point_to_plane" else ny + nq
+    n = nq if metric == "point_to_plane" else ny + oriented_target_normals(ny, nq)
     return (d * n).sum(-1, keepdim=True)
 
 
@@ -167,7 +178,7 @@ def residuals_and_jacobian(
         n = target_normals
         J = torch.cat([torch.cross(y, n, dim=-1), n], dim=-1)[..., None, :]
     else:
-        n = source_normals + target_normals
+        n = source_normals + oriented_target_normals(source_normals, target_normals)
         rot = torch.cross(y, n, dim=-1) + torch.cross(source_normals, y - q, dim=-1)
         J = torch.cat([rot, n], dim=-1)[..., None, :]
     return r, J

@@ -569,6 +569,8 @@ def _fused_plane(source, source_normals, target_normals, rotation, translation, 
                       + rotation[b, 1, 2] * source_normals[b, n, 2])
                 m2 = (rotation[b, 2, 0] * source_normals[b, n, 0] + rotation[b, 2, 1] * source_normals[b, n, 1]
                       + rotation[b, 2, 2] * source_normals[b, n, 2])
+                if m0 * n0 + m1 * n1 + m2 * n2 < 0.0:  # orient the pair (residuals.oriented_target_normals)
+                    n0, n1, n2 = -n0, -n1, -n2
                 n0 += m0
                 n1 += m1
                 n2 += m2
