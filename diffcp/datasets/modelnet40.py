@@ -35,6 +35,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -285,8 +286,8 @@ def _verify_zip(path: Path, size: int, declared: Optional[int], digest: str, exp
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"not a valid zip file ({err})"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        return f"not a valid zip file ({type(err).__name__}: {err})"
     if bad is not None:
         return f"zip member {bad} fails its CRC check (a corrupt download)"
     if f"{LAYOUT_NAME}/shape_names.txt" not in names:
