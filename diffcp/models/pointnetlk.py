@@ -122,7 +122,7 @@ class PointNetLK(nn.Module):
         for iterations in range(1, max_iterations + 1):
             r = self.features(_move(T, p)) - f_q
             xi = -(pinv @ r[..., None])[..., 0]
-            if float(xi.norm(dim=1).max()) < xtol:
+            if float(xi.detach().norm(dim=1).max()) < xtol:
                 break
             T = se3_exp(xi) @ T
         eye = torch.eye(3, dtype=source.dtype, device=source.device).expand(B, 3, 3)
