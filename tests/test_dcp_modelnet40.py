@@ -5,6 +5,10 @@ official test split as DCP's ``np.random.seed(item)`` does. The authors' code gi
 (Euler 'zyx', degrees) of 1.34 there; we require 1.34 +- 0.2. The figure moves by about a tenth
 of a degree with the seeds alone (a few pairs with large errors dominate the RMSE): seeds 0..99 give
 1.49, the positions in the subset file 1.56, official indices 1.47 (measured on a 2-core CPU).
+The authors' own data.py + model.py + metric, run on the subset as it is (seeds = positions in the
+file), give 1.5640 on the airplanes and 1.5816 on all 128 objects, the same as this code with those
+seeds to four digits, and their model's rotations agree with DCP here to 1.5e-5: the 1.34 quoted
+comes from another assignment of seeds, not from a difference in the model or the metric.
 """
 
 import numpy as np
