@@ -1,0 +1,5 @@
+"""Experiment entry points: settings in, results of record (``book/_data/*.json``) out.
+
+- :mod:`diffcp.experiments.modelnet40_eval`: ModelNet40 registration under every protocol
+  (identity, FGR, PointNetLK, DCP-v1, each without and with diffcp ICP).
+"""
