@@ -59,7 +59,7 @@ def _check_rotation(name: str, R: Tensor) -> None:
     if checks.ENABLED and R.numel():
         with torch.no_grad():
             Rd = R.detach().reshape(-1, 3, 3)
-            tol = 10 * torch.finfo(R.dtype).eps ** 0.5
+            tol = max(1e-4, 10 * torch.finfo(R.dtype).eps ** 0.5)  # float32 results promoted to float64 pass
             eye = torch.eye(3, dtype=R.dtype, device=R.device)
             bad = ~torch.isfinite(Rd).all() or bool(((Rd.transpose(-1, -2) @ Rd - eye).abs() > tol).any())
             if bad or bool((torch.linalg.det(Rd) < 0).any()):

@@ -8,13 +8,15 @@ import torch
 from diffcp.datasets import modelnet40 as mn
 from diffcp.experiments import modelnet40_eval as ev
 from diffcp.geometry import random_transform, transform_points
+from shapes import sample
 
 needs_data = pytest.mark.skipif(not mn.default_folder().exists(), reason="the ModelNet40 subset is absent")
 
 
 def test_refine_is_the_one_icp_entry_and_improves_a_rough_start():
     g = torch.Generator().manual_seed(0)
-    source = torch.randn(2, 300, 3, generator=g)
+    pts, _ = sample("bumpy_sphere", 1024, dtype=torch.float32)  # a surface with ModelNet's point spacing
+    source = (pts / pts.norm(dim=-1).max()).expand(2, 1024, 3).contiguous()
     T = random_transform(2, max_angle=0.2, max_translation=0.1, generator=g)
     target = transform_points(T, source)
     for variant in ev.REFINE_VARIANTS:
@@ -33,10 +35,15 @@ def test_entry_point_writes_the_layout(tmp_path):
     assert set(result) == {"provenance", "settings", "protocols", "quoted", "timing"}
     assert set(result["protocols"]) == {"clean", "unseen"}
     methods = result["protocols"]["clean"]
-    assert set(methods) == {f"{m}{s}" for m in ("identity", "dcp_v1") for s in ("", "+icp_hard", "+icp_soft")}
+    assert set(methods) == {f"{m}{s}" for m in ("identity", "dcp_v1")
+                            for s in ("", "+icp_hard", "+icp_soft", "+icp_hard_reject")}
     assert set(methods["dcp_v1"]) == {"mse_r", "rmse_r", "mae_r", "mse_t", "rmse_t", "mae_t", "isotropic_r_deg",
                                       "isotropic_t", "recall"}
     assert methods["dcp_v1"]["rmse_r"] < 5 < methods["identity"]["rmse_r"]
     assert methods["dcp_v1+icp_hard"]["rmse_r"] < 1e-3  # DCP's clean protocol gives the answer away
     assert result["settings"]["pairs_per_protocol"] == {"clean": 2, "unseen": 2}
+    # the ICP of each variant is stored as data that rebuilds it
+    from diffcp import ICPSettings
+    for name, data in result["settings"]["icp_variants"].items():
+        assert ICPSettings.from_dict(data) == ev.REFINE_SETTINGS[name]
     assert result["provenance"]["command"].startswith("python -m diffcp.experiments.modelnet40_eval")

@@ -19,7 +19,7 @@ seeded with the object's index in the official test split, as DCP does. Written 
 :func:`diffcp.provenance.write_result` (command, commit, machine, date); the layout is
 ``{"provenance", "settings", "protocols": {protocol: {method: metrics}}, "quoted", "timing"}``.
 
-Every diffcp ICP call goes through :func:`refine` (the ICP API is being rewritten: port it there).
+Every diffcp ICP call goes through :func:`refine`, with the settings of :data:`REFINE_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ from torch import Tensor
 from diffcp.datasets.modelnet40 import load_modelnet40
 from diffcp.datasets.protocols import PROTOCOLS, RegistrationPairs, get_protocol, labels_for
 from diffcp.geometry import make_transform
+from diffcp.icp import icp
+from diffcp.settings import DistanceRejection, ICPSettings
 from diffcp.metrics import RECALL_THRESHOLDS, registration_metrics
 
-__all__ = ["refine", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "main"]
+__all__ = ["refine", "REFINE_SETTINGS", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "main"]
 
 #: Open3D FGR on FPFH (clouds of ~1024 points on the unit sphere, spacing ~0.05). Checked on 12
 #: validation objects (train split, never test) over fpfh_radius {0.15, 0.25, 0.4} x
@@ -48,31 +50,28 @@ __all__ = ["refine", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "
 FGR_SETTINGS = {"normal_radius": 0.1, "normal_max_nn": 30, "fpfh_radius": 0.25, "fpfh_max_nn": 100,
                 "maximum_correspondence_distance": 0.05, "iteration_number": 64}
 METHODS = ("identity", "fgr", "pointnetlk", "dcp_v1")
-REFINE_VARIANTS = ("hard", "soft")
 BATCH = 10
 
-# What each ICP variant means, to be set explicitly when the settings API lands:
-#   "hard"        hard nearest neighbour (exact), point-to-point, Procrustes; diffcp's defaults:
-#                 at most 30 iterations, relative tolerance 1e-6, no weighting, no rejection.
-#   "soft"        soft nearest neighbour (softmax over -|y - q|^2 / T, T = 0.1 x the target's
-#                 median squared nearest-neighbour spacing: diffcp's default), point-to-point,
-#                 Procrustes, at most 30 iterations, tolerance 1e-6.
-#   "soft_reject" (planned, not run yet) soft NN as above plus soft (sigmoid) rejection by
-#                 distance (reject_distance ~ 0.05, rejection_temperature > 0) - for partial overlap.
-_CORRESPONDENCE = {"hard": "nn", "soft": "soft_nn"}
+#: The ICP run after each method, as settings of record (written into the results file):
+#: "hard" is diffcp's default ICP (exact nearest neighbours, point-to-point Procrustes, at most 30
+#: iterations, relative tolerance 1e-6); "soft" uses soft nearest neighbours at the per-cloud default
+#: temperature (0.1 x the target's median squared nearest-neighbour spacing); "hard_reject" is the
+#: default ICP with Open3D's max-correspondence-distance habit: pairs farther apart than 0.1 (about
+#: twice the point spacing of these unit-sphere clouds) are rejected, for partial overlap.
+REFINE_SETTINGS = {
+    "hard": ICPSettings(),
+    "soft": ICPSettings(correspondence="soft_nn"),
+    "hard_reject": ICPSettings(rejection=[DistanceRejection(0.1)]),
+}
+REFINE_VARIANTS = tuple(REFINE_SETTINGS)
 
 
 def refine(source: Tensor, target: Tensor, init: Tensor, variant: str) -> Tensor:
-    """diffcp ICP from ``init`` ``(B, 4, 4)``: the refined transforms ``(B, 4, 4)`` (source -> target).
-
-    The only place this module calls :func:`diffcp.icp`; see the comment above for the settings
-    each ``variant`` (``"hard"``, ``"soft"``) stands for.
-    """
-    if variant not in _CORRESPONDENCE:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, _CORRESPONDENCE))}; got {variant!r}.")
-    import diffcp
-
-    return diffcp.icp(source, target, init=init, correspondence=_CORRESPONDENCE[variant]).transform
+    """diffcp ICP from ``init`` ``(B, 4, 4)`` with :data:`REFINE_SETTINGS` ``[variant]``: the refined
+    transforms ``(B, 4, 4)`` (source -> target)."""
+    if variant not in REFINE_SETTINGS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, REFINE_SETTINGS))}; got {variant!r}.")
+    return icp(source, target, REFINE_SETTINGS[variant], init=init).transform
 
 
 def _identity(source: Tensor, target: Tensor) -> Tensor:
@@ -153,6 +152,7 @@ def evaluate(protocol_name: str, methods: Sequence[str], folder=None, max_object
             results[key] = _metrics(T, R, t)
         log(f"{protocol_name:10s} {method:10s} rmse_r {results[method]['rmse_r']:8.3f} -> hard "
             f"{results[method + '+icp_hard']['rmse_r']:8.3f} / soft {results[method + '+icp_soft']['rmse_r']:8.3f} "
+            f"/ hard+reject {results[method + '+icp_hard_reject']['rmse_r']:8.3f} "
             f"({count} pairs, {timing[method]:.3f} s/pair)")
     return {"metrics": results, "timing": timing, "pairs": count}
 
@@ -188,8 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         protocols[name], timing[name], counts[name] = out["metrics"], out["timing"], out["pairs"]
     settings = {
         "split": "test", "pairs_per_protocol": counts, "protocols": {n: get_protocol(n)._asdict() for n in args.protocols},
-        "methods": list(args.methods), "icp_variants": {"hard": "diffcp.icp(correspondence='nn'), defaults",
-                                                        "soft": "diffcp.icp(correspondence='soft_nn'), defaults"},
+        "methods": list(args.methods), "icp_variants": {k: v.to_dict() for k, v in REFINE_SETTINGS.items()},
         "fgr": FGR_SETTINGS, "pointnetlk": {"max_iterations": 10, "weights": "pointnetlk_learning3d.t7"},
         "dcp_v1": {"weights": "dcp_v1.t7", "trained_on": "all 40 categories, clean"},
         "seeds": "each pair seeded with its object's index in the official test split (DCP's np.random.seed(item))",
