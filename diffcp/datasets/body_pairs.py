@@ -84,8 +84,8 @@ class PairSettings:
     image_size: int = 128
     fov_deg: float = 30.0
     distance: Tuple[float, float] = (2.5, 3.5)
-    max_angle_deg: float = 30.0
-    max_translation: float = 0.3
+    max_angle_deg: float = 60.0
+    max_translation: float = 0.5
     num_points: int = 1024
     min_valid_pixels: int = 200
     max_attempts: int = 50

@@ -1,0 +1,1 @@
+"""Entry points of the experiments: settings in, results of record (``book/_data/*.json``) out."""
