@@ -42,13 +42,13 @@ def default_cache_dir() -> Path:
     ``~/.cache/diffcp/anny`` (outside any repository).
 
     Example:
-        >>> default_cache_dir().name
-        'anny'
+        >>> default_cache_dir().is_absolute()
+        True
     """
     if os.environ.get("ANNY_CACHE_DIR"):
-        return Path(os.environ["ANNY_CACHE_DIR"]).expanduser()
+        return Path(os.environ["ANNY_CACHE_DIR"]).expanduser().resolve()
     root = os.environ.get("DIFFCP_CACHE_DIR") or os.path.join("~", ".cache", "diffcp")
-    return Path(root).expanduser() / "anny"
+    return Path(root).expanduser().resolve() / "anny"
 
 
 class AnnyBody(BodyModel):

@@ -37,7 +37,7 @@ def resolve_model_dir(model_dir: Optional[Union[str, os.PathLike]] = None) -> Pa
         FileNotFoundError: when neither names an existing folder or file (with what to do).
 
     Example:
-        >>> resolve_model_dir("/nonexistent/smpl")
+        >>> resolve_model_dir("/nonexistent/smpl")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         FileNotFoundError: model_dir '/nonexistent/smpl' does not exist; ...
@@ -53,7 +53,7 @@ def resolve_model_dir(model_dir: Optional[Union[str, os.PathLike]] = None) -> Pa
     path = Path(model_dir).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"model_dir {str(path)!r} does not exist; ... pass the folder that holds smpl/SMPL_NEUTRAL.pkl "
+            f"model_dir {str(path)!r} does not exist; pass the folder that holds smpl/SMPL_NEUTRAL.pkl "
             f"(or set {ENV_VAR})."
         )
     return path

@@ -97,21 +97,25 @@ class EvalSettings:
     test_limit: Optional[int] = None
 
 
-def refine(source: Tensor, target: Tensor, init: Tensor, target_normals: Tensor, *, iterations: int,
+def refine(source: Tensor, target: Tensor, init: Tensor, *, iterations: int,
            temperature: Optional[float] = None, differentiable: bool = True) -> Tensor:
     """Refine ``init (B, 4, 4)`` by ICP of ``source (B, N, 3)`` onto ``target (B, M, 3)``; ``(B, 4, 4)``.
 
     The ICP this experiment means (the one place to port when diffcp's ICP API changes):
     soft nearest-neighbour correspondences (``temperature``; None = diffcp's scale-aware default,
-    0.1 x the median squared point spacing of the target), point-to-plane metric with the target
-    normals, one Gauss-Newton step per iteration (solver "linear"), exactly ``iterations``
-    iterations (tolerance 0, no early stop), no weighting or rejection, gradients by unrolling
-    every iteration (so they reach ``init``). With ``differentiable=False`` it runs without a graph.
+    0.1 x the median squared point spacing of the target), point-to-point metric minimised in
+    closed form (Procrustes), exactly ``iterations`` iterations (tolerance 0, no early stop), no
+    weighting or rejection, gradients by unrolling every iteration (so they reach ``init``).
+    With ``differentiable=False`` it runs without a graph.
+
+    Point-to-plane with one Gauss-Newton step per iteration was tried first and dropped: from
+    initial errors of 0.3-0.7 m it diverged on some pairs (errors of metres, gradient norms of
+    1e13), while Procrustes never moved a pair farther than 0.4 m (64 short-run test pairs).
     """
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        result = diffcp.icp(source, target, init=init, target_normals=target_normals,
-                            correspondence="soft_nn", temperature=temperature, metric="point_to_plane",
-                            solver="linear", max_iterations=iterations, tolerance=0.0, backward="unroll")
+        result = diffcp.icp(source, target, init=init, correspondence="soft_nn", temperature=temperature,
+                            metric="point_to_point", solver="procrustes", max_iterations=iterations,
+                            tolerance=0.0, backward="unroll")
     return result.transform
 
 
@@ -139,8 +143,8 @@ def predict(method: str, net: Optional[PoseCNN], batch: Dict[str, Tensor], *, ic
         init = net(batch["source_depth"], batch["target_depth"])
         if method == "cnn":
             return init
-    return refine(batch["source_points"], batch["target_points"], init, batch["target_normals"],
-                  iterations=icp_iterations, temperature=temperature, differentiable=differentiable)
+    return refine(batch["source_points"], batch["target_points"], init, iterations=icp_iterations,
+                  temperature=temperature, differentiable=differentiable)
 
 
 def _batches(n: int, batch_size: int, generator: Optional[torch.Generator]) -> List[Tensor]:
@@ -214,7 +218,7 @@ def _epoch(net, opt, data: Dict[str, Tensor], settings: TrainSettings, epoch: in
         # gradients through unrolled ICP range over orders of magnitude: clip their norm
         norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), settings.clip_norm)))
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
     finite = [n for n in norms if math.isfinite(n)]
     return {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
@@ -401,7 +405,7 @@ def main(argv=None) -> int:
         ev = EvalSettings(icp_iterations=args.test_icp_iterations, temperature=args.temperature,
                           test_limit=args.test_limit)
         result = evaluate(args.data, networks, ev, methods)
-        settings = {"evaluation": {**dataclasses.asdict(ev), "icp": refine.__doc__.split("\n\n")[1].strip()},
+        settings = {"evaluation": {**dataclasses.asdict(ev), "icp": " ".join(refine.__doc__.split("\n\n")[1].split())},
                     "training": histories,
                     "error": "e(T) = sqrt(mean_i |T x_i - G x_i|^2) over the source points, metres",
                     "initial_distance": "e(I): RMS distance between corresponding points before registration",
