@@ -56,8 +56,10 @@ def look_at(eye: Tensor, center: Tensor, up: Optional[Tensor] = None) -> Tensor:
 
     Example:
         >>> pose = look_at(torch.tensor([[0.0, -3.0, 0.0]]), torch.zeros(3))
-        >>> pose[0, :3, 2]  # the camera looks along +y
-        tensor([0., 1., 0.])
+        >>> pose[0, :3, :3]  # columns: right (+x), down (-z), forward (+y)
+        tensor([[ 1.,  0.,  0.],
+                [ 0.,  0.,  1.],
+                [ 0., -1.,  0.]])
     """
     if not isinstance(eye, Tensor) or not eye.is_floating_point():
         raise TypeError(f"eye must be a floating-point torch.Tensor of shape (B, 3); got {type(eye).__name__}.")
@@ -73,7 +75,7 @@ def look_at(eye: Tensor, center: Tensor, up: Optional[Tensor] = None) -> Tensor:
     z = forward / norm
     alt = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype, device=eye.device).expand_as(eye)
     up = torch.where((torch.linalg.cross(z, up).norm(dim=-1, keepdim=True) < 1e-6), alt, up)
-    x = torch.linalg.cross(z, -up)  # right = forward x down
+    x = torch.linalg.cross(z, up)  # right = down x forward = forward x up
     x = x / x.norm(dim=-1, keepdim=True)
     y = torch.linalg.cross(z, x)
     return make_transform(torch.stack([x, y, z], dim=-1), eye)

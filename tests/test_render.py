@@ -130,3 +130,23 @@ def test_batch_matches_single_renders_and_errors():
         render_depth(v, faces.float(), K, 32, 40)
     with pytest.raises(ValueError, match="height must be a positive integer"):
         render_depth(v, faces, K, 0, 40)
+
+
+def test_look_at_is_an_upright_opencv_camera():
+    eyes = torch.tensor([[0.0, -3.0, 0.0], [2.0, 1.0, 0.5], [0.0, 0.0, 4.0]], dtype=torch.float64)
+    centre = torch.tensor([0.0, 0.0, 0.2], dtype=torch.float64)
+    pose = look_at(eyes, centre)
+    R = pose[:, :3, :3]
+    torch.testing.assert_close(R.transpose(1, 2) @ R, torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
+    torch.testing.assert_close(torch.linalg.det(R), torch.ones(3, dtype=torch.float64))
+    forward = (centre - eyes) / (centre - eyes).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(R[:, :, 2], forward)
+    torch.testing.assert_close(pose[:, :3, 3], eyes)
+    # image "down" (camera y) points as far down (-z) as the view direction allows
+    assert bool((R[:2, 2, 1] < -0.8).all())
+    # a point above the centre lands in the upper half of the image (v < cy)
+    K = _camera()
+    above = torch.tensor([[[0.0, 0.0, 0.8]]], dtype=torch.float64).expand(2, 1, 3)
+    from diffcp.camera import project, world_to_camera
+    uv, _ = project(world_to_camera(pose[:2], above), K)
+    assert bool((uv[:, 0, 1] < K[1, 2]).all())
