@@ -302,6 +302,18 @@ def _run_tasks(tasks, vertices, faces, settings, workers, progress):
     return sorted(results, key=lambda e: e["file"])
 
 
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and
+    deleted only once the new one is in place."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
 def generate(out_dir: Union[str, os.PathLike], vertices: Tensor, faces: Tensor, counts: Dict[str, int], *,
              seed: int = 0, settings: PairSettings = PairSettings(), body_info: Optional[dict] = None,
              workers: int = 1, shard_size: int = 250, overwrite: bool = False, progress: bool = False,
@@ -357,13 +369,7 @@ def generate(out_dir: Union[str, os.PathLike], vertices: Tensor, faces: Tensor, 
             "pairs_per_minute": round(60 * total / duration, 1) if duration > 0 else None,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # overwrite: move the old one aside only now that the new one is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
