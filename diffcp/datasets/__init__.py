@@ -4,7 +4,8 @@
   test splits), download and verify the official zip;
 - :mod:`diffcp.datasets.protocols`: DCP's and RPM-Net's ways of making registration pairs
   (clean, noisy as DCP's code does it and fixed, independent sampling, partial overlap, unseen
-  categories).
+  categories);
+- :mod:`diffcp.datasets.body_pairs`: depth-map pairs of a posed body (generated, with a manifest).
 """
 
 from .modelnet40 import ModelNet40, default_folder, download_modelnet40, find_folder, load_modelnet40
