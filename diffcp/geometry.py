@@ -237,6 +237,8 @@ def rotation_error(predicted: Tensor, expected: Tensor) -> Tensor:
     """Geodesic distance between rotations, in degrees: the angle of ``predicted^T expected``."""
     _check_rotation("predicted", predicted)
     _check_rotation("expected", expected)
+    if predicted.dtype != expected.dtype:
+        raise TypeError(f"predicted has dtype {predicted.dtype} but expected has {expected.dtype}; use one dtype.")
     return torch.rad2deg(rotation_angle(predicted.transpose(-1, -2) @ expected))
 
 

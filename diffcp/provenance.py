@@ -112,7 +112,7 @@ def provenance(command: Optional[Union[str, Sequence[str]]] = None, started: Opt
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "diffcp": getattr(diffcp, "__version__", None) or _package_version("diffcp"),
+            "diffcp": getattr(diffcp, "__version__", None) or _package_version("diffcp-icp"),
             "numpy": numpy.__version__,
         },
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -1,6 +1,6 @@
 """One plotting style for the book: matplotlib settings and interactive plotly point clouds.
 
-matplotlib and plotly are optional dependencies (``pip install diffcp[book]``); they are imported
+matplotlib and plotly are optional dependencies (``pip install "diffcp-icp[book]"``); they are imported
 only when a function here needs them. Clouds follow the library's convention: a cloud is an
 ``(N, 3)`` tensor or array, or one ``(B, N, 3)`` batch element; padded points can be cut off with
 ``lengths``.
@@ -28,7 +28,7 @@ def _require(module: str, feature: str):
     except ImportError as err:
         raise ImportError(
             f"diffcp.viz.{feature} needs the optional package '{module.split('.')[0]}'; "
-            "install it with `pip install diffcp[book]` (or `pip install matplotlib plotly`)."
+            'install it with `pip install "diffcp-icp[book]"` (or `pip install matplotlib plotly`).'
         ) from err
 
 

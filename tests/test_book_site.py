@@ -192,7 +192,7 @@ def test_viz_missing_plotly_is_a_clear_import_error(monkeypatch):
     from diffcp import viz
 
     monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)
-    with pytest.raises(ImportError, match=r"pip install diffcp\[book\]"):
+    with pytest.raises(ImportError, match=r"pip install \"diffcp-icp\[book\]\""):
         viz.plot_clouds([[0.0, 0.0, 0.0]])
 
 

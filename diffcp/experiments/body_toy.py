@@ -50,6 +50,7 @@ from ..datasets.body_pairs import BodyPairs, load_manifest
 from ..geometry import transform_points
 from ..models.pose_cnn import PoseCNN
 from ..provenance import provenance
+from ..settings import DistanceRejection, ICPSettings, SoftNearestNeighbor, Stopping
 
 __all__ = ["RefineSettings", "TrainSettings", "EvalSettings", "refine", "transform_error", "predict", "train", "evaluate",
            "success_curves", "main", "METHODS"]
@@ -78,6 +79,16 @@ class RefineSettings:
                              f"got {self.reject_iterations!r}.")
         if not self.reject_distance > 0:
             raise ValueError(f"reject_distance must be positive; got {self.reject_distance!r}.")
+
+    def stages(self) -> List[Tuple[int, ICPSettings]]:
+        """The two ICP runs of :func:`refine` as ``(iterations, settings)``: soft nearest neighbours,
+        point-to-point Procrustes, every iteration unrolled; the second adds soft rejection."""
+        soft = SoftNearestNeighbor(temperature=self.temperature)
+        coarse = self.iterations - self.reject_iterations
+        return [(n, ICPSettings(correspondence=soft, rejection=rejection, backward="unroll",
+                                stopping=Stopping(max_iterations=max(n, 1), tolerance=0.0)))
+                for n, rejection in ((coarse, ()),
+                                     (self.reject_iterations, (DistanceRejection(self.reject_distance, temperature=1e-4),)))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +131,7 @@ def refine(source: Tensor, target: Tensor, init: Tensor, settings: RefineSetting
            differentiable: bool = True) -> Tensor:
     """Refine ``init (B, 4, 4)`` by ICP of ``source (B, N, 3)`` onto ``target (B, M, 3)``; ``(B, 4, 4)``.
 
-    The ICP this experiment means (the one place to port when diffcp's ICP API changes):
+    The ICP this experiment means (:meth:`RefineSettings.stages`, stored with the results):
     soft nearest-neighbour correspondences (``temperature``; None = diffcp's scale-aware default,
     0.1 x the median squared point spacing of the target), point-to-point metric minimised in
     closed form (Procrustes), no weighting, exactly ``iterations`` iterations (tolerance 0, no early
@@ -135,15 +146,11 @@ def refine(source: Tensor, target: Tensor, init: Tensor, settings: RefineSetting
     even when started at the truth); rejection alone is accurate (94 %) but narrows the basin
     (19 % from the identity). Both stages: 70 % from the identity with 20 + 10 iterations.
     """
-    stages = [(settings.iterations - settings.reject_iterations, {}),
-              (settings.reject_iterations, {"reject_distance": settings.reject_distance, "rejection_temperature": 1e-4})]
     T = init
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        for n, rejection in stages:
+        for n, icp_settings in settings.stages():
             if n > 0:
-                T = diffcp.icp(source, target, init=T, correspondence="soft_nn", temperature=settings.temperature,
-                               metric="point_to_point", solver="procrustes", max_iterations=n, tolerance=0.0,
-                               backward="unroll", **rejection).transform
+                T = diffcp.icp(source, target, icp_settings, init=T).transform
     return T
 
 
@@ -435,7 +442,9 @@ def main(argv=None) -> int:
                                              args.reject_distance, args.temperature), test_limit=args.test_limit)
         result = evaluate(args.data, networks, ev, methods)
         icp_text = " ".join(refine.__doc__.split("\n\n")[1].split())
-        settings = {"evaluation": {**dataclasses.asdict(ev), "icp_description": icp_text},
+        settings = {"evaluation": {**dataclasses.asdict(ev), "icp_description": icp_text,
+                                   "icp_stages": [{"iterations": n, "settings": st.to_dict()}
+                                                  for n, st in ev.icp.stages()]},
                     "training": histories,
                     "error": "e(T) = sqrt(mean_i |T x_i - G x_i|^2) over the source points, metres",
                     "initial_distance": "e(I): RMS distance between corresponding points before registration",
