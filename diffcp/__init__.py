@@ -50,6 +50,7 @@ from .minimize.linear_solve import damped_solve
 from .minimize.procrustes import Procrustes, procrustes
 from .minimize.residuals import residuals, residuals_and_jacobian, weighted_cost
 from .normals import estimate_normals
+from .render import DepthRender, look_at, render_depth
 from .reject import reject_by_distance, reject_by_normal_angle
 from .search import KNN, NearestNeighborIndex, SoftMatch, knn, soft_nearest
 from .settings import (
@@ -99,4 +100,5 @@ __all__ = [
     "apply_twist", "twist_between", "rotation_angle", "rotation_error", "translation_error",
     "random_rotation", "random_transform", "euler_to_rotation", "rotation_to_euler",
     "intrinsics_matrix", "project", "backproject", "depth_to_points", "normals_from_depth",
+    "render_depth", "DepthRender", "look_at",
 ]
