@@ -1,5 +1,6 @@
 """Tests for diffcp.minimize.procrustes against independent references (numpy, SciPy, Open3D, FD)."""
 
+import inspect
 import math
 
 import numpy as np
@@ -381,3 +382,19 @@ def test_rotation_matches_geometry_convention():
     R, t = procrustes(src, src @ R0.T + 1.0)
     assert torch.allclose(R @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]), atol=1e-6)
     assert torch.allclose(t, torch.ones(3), atol=1e-6)
+
+
+def test_default_gradient_eps_lets_a_fit_leave_a_degenerate_start():
+    """Gradient descent from rank-one or mirrored matrices (an ambiguous polar factor) converges
+    with the default clamp and stalls with a tiny one (benchmarks/procrustes_gradient_eps.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "procrustes_gradient_eps.py"
+    spec = importlib.util.spec_from_file_location("procrustes_gradient_eps", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    default = inspect.signature(procrustes).parameters["gradient_eps"].default
+    median_default, _ = bench.fit_from_degenerate(default, n=16, steps=600)
+    median_tiny, _ = bench.fit_from_degenerate(1e-8, n=16, steps=600)
+    assert median_default < 0.1 < 1.0 < median_tiny
