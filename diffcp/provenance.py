@@ -16,9 +16,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Sequence, Union
 
-__all__ = ["provenance", "write_result"]
+__all__ = ["provenance", "write_result", "atomic_write"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,11 +183,26 @@ def write_result(path: Union[str, os.PathLike], data: Mapping[str, Any], command
                     f"path {str(path)!r} already holds a result with keys {missing} that the new data lacks; "
                     "refusing to overwrite it with less data (delete the file first)."
                 )
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it over ``path``
+    (``os.replace``): readers see the old file or the new one, never half of one, and a failure
+    leaves the old file as it was. Used for results and training checkpoints alike.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = atomic_write(os.path.join(tempfile.mkdtemp(), "x.bin"), lambda f: f.write(b"ok"))
+        >>> p.read_bytes()
+        b'ok'
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

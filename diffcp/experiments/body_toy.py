@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -49,7 +48,7 @@ import diffcp
 from ..datasets.body_pairs import BodyPairs, load_manifest
 from ..geometry import transform_points
 from ..models.pose_cnn import PoseCNN
-from ..provenance import provenance
+from ..provenance import atomic_write, provenance
 from ..settings import DistanceRejection, ICPSettings, SoftNearestNeighbor, Stopping
 
 __all__ = ["RefineSettings", "TrainSettings", "EvalSettings", "refine", "transform_error", "predict", "train", "evaluate",
@@ -195,19 +194,8 @@ def _manifest_sha256(root) -> str:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through :func:`diffcp.provenance.atomic_write`: a checkpoint is never half-written."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class TrainResult(NamedTuple):
@@ -362,11 +350,7 @@ def evaluate(data_root, networks: Dict[str, Optional[PoseCNN]], settings: EvalSe
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_record(path, data_root, evaluation: dict, settings: dict, command, started: float) -> Path:
