@@ -10,7 +10,7 @@ PYTEST = $(PYTHON) -m pytest -p no:dash -p no:cacheprovider
 book: setup build-book
 
 test: setup-test build-book
-	DIFFCP_BROWSER_TEST=1 $(PYTEST) tests book --nbval --nbval-current-env \
+	DIFFCP_BROWSER_TEST=1 DIFFCP_PLOTLYJS=site $(PYTEST) tests book --nbval --nbval-current-env \
 	  --sanitize-with tests/nbval_sanitize.cfg -q -rs
 
 setup:

@@ -8,6 +8,7 @@ only when a function here needs them. Clouds follow the library's convention: a 
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -159,7 +160,8 @@ def show_plotly(fig: Any) -> None:
     """Display a plotly figure so that it also works in the offline HTML book.
 
     In Jupyter this behaves like plotly's ``"notebook"`` renderer: the first call in a kernel
-    embeds plotly.js itself in the notebook output (no CDN), and every figure is a ``text/html``
+    embeds plotly.js itself in the notebook output (no CDN; with ``DIFFCP_PLOTLYJS=site``, set
+    when chapters are executed for the book, the built site serves plotly.js once instead), and every figure is a ``text/html``
     output, which Jupyter Book renders without "unknown mime type" warnings. Unlike the stock
     renderer it adds no MathJax CDN script and gives the figure a deterministic ``div`` id
     (``diffcp-plot-1``, ``diffcp-plot-2``, ...), so re-executed notebooks do not change. On
@@ -185,8 +187,12 @@ def show_plotly(fig: Any) -> None:
     from plotly.offline import get_plotlyjs
 
     if not _PLOTLYJS_SHOWN:
-        display(HTML("<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n"
-                     f"<script type=\"text/javascript\">{get_plotlyjs()}</script>"))
+        # For the book (DIFFCP_PLOTLYJS=site, set when chapters are executed for it), the site serves
+        # plotly.js once (book/_ext/book_fixes.py); elsewhere the notebook embeds it (works offline).
+        site = os.environ.get("DIFFCP_PLOTLYJS") == "site"
+        script = "" if site else f"\n<script type=\"text/javascript\">{get_plotlyjs()}</script>"
+        display(HTML("<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>"
+                     + script))
         _PLOTLYJS_SHOWN = True
     _FIGURE_COUNT += 1
     html = pio.to_html(fig, include_plotlyjs=False, include_mathjax=False, full_html=False,

@@ -93,6 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         print("\n".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in chapters))
         return 0
+    # Executed for the book: the site serves plotly.js once (book/_ext/book_fixes.py), so figures
+    # do not embed it; the kernels inherit this (and nbval's do too, see the Makefile).
+    os.environ["DIFFCP_PLOTLYJS"] = "site"
     failed = []
     for path in chapters:
         start = time.time()

@@ -9,8 +9,14 @@ repeated script entries (same file, same inline body) from each page's context.
 It also serves MathJax from the book itself when a copy lies in ``book/_static/mathjax/``
 (``scripts/setup.sh`` fetches MathJax 3 there from the npm registry; the folder is not committed),
 so the built HTML typesets its equations offline. Without the copy the default CDN is used.
+
+And it serves plotly.js once for the whole site: the chapters are executed for the book with
+``DIFFCP_PLOTLYJS=site`` (``diffcp.viz.show_plotly`` then does not embed the 4.8 MB library in every
+notebook), the build copies ``plotly.min.js`` from the installed plotly package into ``_static``,
+and only the pages that hold a plotly figure load it. Offline, like the rest of the site.
 """
 
+import shutil
 from pathlib import Path
 
 LOCAL_MATHJAX = Path(__file__).resolve().parents[1] / "_static" / "mathjax" / "tex-chtml.js"
@@ -36,7 +42,25 @@ def _dedupe_scripts(app, pagename, templatename, context, doctree):
     scripts[:] = unique
 
 
+def _plotly_source() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+
+def _copy_plotly(app, exception):
+    if exception is None and app.builder.format == "html":
+        shutil.copyfile(_plotly_source(), Path(app.outdir) / "_static" / "plotly.min.js")
+
+
+def _plotly_pages(app, pagename, templatename, context, doctree):
+    if "plotly-graph-div" in context.get("body", "") and "script_files" in context:
+        context["script_files"].insert(0, "_static/plotly.min.js")
+
+
 def setup(app):
     app.connect("config-inited", _local_mathjax)
+    app.connect("html-page-context", _plotly_pages, priority=800)
+    app.connect("build-finished", _copy_plotly)
     app.connect("html-page-context", _dedupe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
