@@ -30,7 +30,8 @@ from .geometry import _SMALL_ANGLE
 from .minimize.linear_solve import _EPS_FLOOR
 from .search.grid import _PLANE_SUMS, _njit
 
-__all__ = ["run_point_to_point", "run_gauss_newton", "conditioning_point_to_point", "conditioning_gauss_newton"]
+__all__ = ["run_point_to_point", "run_gauss_newton", "conditioning_point_to_point", "conditioning_gauss_newton",
+           "point_to_point_diagnostics"]
 
 
 @_njit()
@@ -313,6 +314,13 @@ def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weight
                                 source_lengths: Tensor) -> Tensor:
     """:func:`diffcp.minimize.procrustes_conditioning` of the hard-NN matches at ``transform``,
     from one fused pass: ``(s'_2 + s'_3) / s_1`` of the weighted cross-covariance, ``(B,)``."""
+    return point_to_point_diagnostics(index, source, transform, weights, source_lengths)[0]
+
+
+def point_to_point_diagnostics(index, source: Tensor, transform: Tensor, weights: Tensor,
+                               source_lengths: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """From one fused pass at ``transform``: the conditioning of :func:`conditioning_point_to_point`,
+    the weight sums and the weighted sums of squared distances to the matches, each ``(B,)``."""
     grid = index._grid_index()
     warm = None
     if index.warm_start and index._previous is not None and index._previous.shape == tuple(source.shape[:2]):
@@ -326,7 +334,7 @@ def conditioning_point_to_point(index, source: Tensor, transform: Tensor, weight
     U, S, Vh = np.linalg.svd(M)
     s3 = np.where(np.linalg.det(U @ Vh) < 0, -S[:, 2], S[:, 2])
     cond = np.where(S[:, 0] > 0, (S[:, 1] + s3) / np.where(S[:, 0] > 0, S[:, 0], 1.0), 0.0)
-    return torch.from_numpy(cond)
+    return torch.from_numpy(cond), torch.from_numpy(m[:, 0].copy()), torch.from_numpy(m[:, 16].copy())
 
 
 def conditioning_gauss_newton(index, source: Tensor, transform: Tensor, weights: Tensor, source_lengths: Tensor,

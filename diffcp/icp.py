@@ -42,7 +42,7 @@ from .correspond import (
     projective_correspondences,
     soft_correspondences,
 )
-from .fused import conditioning_gauss_newton, conditioning_point_to_point, run_gauss_newton, run_point_to_point
+from .fused import conditioning_gauss_newton, point_to_point_diagnostics, run_gauss_newton, run_point_to_point
 from .geometry import apply_twist, make_transform, rotate_vectors, split_transform, transform_points, twist_between
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
@@ -386,10 +386,8 @@ def icp(source: Tensor, target: Tensor, settings: Optional[ICPSettings] = None, 
     checks_enabled = checks.ENABLED
     with checks.disabled():
         T, converged, count, errors = _solve(problem)
-    if checks_enabled:
-        _warn_if_ambiguous(problem, T.detach())
     with checks.disabled():
-        fitness, inlier_rmse = _evaluate(problem, T.detach())
+        fitness, inlier_rmse = _diagnose(problem, T.detach(), warn=checks_enabled)
     T = problem.to_caller_frames(T)
     R, t = split_transform(T)
     out = ICPResult(T, R, t, converged, count, errors, errors[:, -1], fitness, inlier_rmse)
@@ -397,6 +395,23 @@ def icp(source: Tensor, target: Tensor, settings: Optional[ICPSettings] = None, 
 
 
 # ----------------------------------------------------------------------------- diagnostics
+def _diagnose(p: Problem, T: Tensor, warn: bool):
+    """``(fitness, inlier_rmse)`` at ``T``, and the ambiguity warning when ``warn``: one fused pass
+    gives all three for plain hard-NN point-to-point ICP."""
+    with torch.no_grad():
+        if p.fused and bool((p.source_weights.sum(1) > 0).all()):
+            cond, w_sum, r2_sum = point_to_point_diagnostics(p.index, p.source, T, p.source_weights,
+                                                             p.source_lengths)
+            if warn:
+                _warn_ambiguous(cond < 1e-6)
+            tiny = torch.finfo(torch.float64).tiny
+            fitness = (w_sum / p.source_weights.sum(1).double().clamp_min(tiny)).to(T)
+            return fitness, (r2_sum.clamp_min(0) / w_sum.clamp_min(tiny)).sqrt().to(T)
+        if warn:
+            _warn_if_ambiguous(p, T)
+        return _evaluate(p, T)
+
+
 def _evaluate(p: Problem, T: Tensor):
     """``(fitness (B,), inlier_rmse (B,))`` of the matches at ``T`` (see :class:`ICPResult`)."""
     with torch.no_grad():
@@ -425,15 +440,13 @@ def _warn_if_ambiguous(p: Problem, T: Tensor) -> None:
     """
     with torch.no_grad():
         procrustes_solver = isinstance(p.settings.solver, ProcrustesSolver)
-        if p.fused and bool((p.source_weights.sum(1) > 0).all()):
-            cond = conditioning_point_to_point(p.index, p.source, T, p.source_weights, p.source_lengths)
-        elif p.fused_linear:
+        if p.fused_linear:
             symmetric = p.source_normals if p.settings.metric == "symmetric" else None
             cond = conditioning_gauss_newton(p.index, p.source, T, p.source_weights, p.source_lengths,
                                              p.target_normals, symmetric, p.scale)
         else:
             cond = _conditioning(p, T)
-        _warn_ambiguous(cond < (1e-6 if procrustes_solver else 1e-9))
+        _warn_ambiguous(cond < (1e-6 if procrustes_solver else 1e-9), stacklevel=5)
 
 
 def _conditioning(p: Problem, T: Tensor) -> Tensor:
@@ -453,7 +466,8 @@ def _conditioning(p: Problem, T: Tensor) -> Tensor:
     return ev[:, 0] / ev[:, -1].clamp_min(torch.finfo(T.dtype).tiny)
 
 
-def _warn_ambiguous(bad: Tensor) -> None:
+def _warn_ambiguous(bad: Tensor, stacklevel: int = 4) -> None:
+    """Warn where ``bad`` ``(B,)``; ``stacklevel`` points at the caller of :func:`icp`."""
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
         warnings.warn(
@@ -461,5 +475,5 @@ def _warn_ambiguous(bad: Tensor) -> None:
             "determine it (collinear points, a single plane for point-to-plane, ...). The result is "
             "one of several equally good transforms and its gradient is regularised.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )

@@ -8,6 +8,7 @@ nearest-neighbour index once. The loop in :mod:`diffcp.icp` never validates agai
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -113,6 +114,24 @@ def build_problem(settings: ICPSettings, source, target, *, init=None, source_no
     return p, unbatched
 
 
+# The centred copy of the last cloud of each role, reused while the caller passes the same,
+# unchanged tensor (no gradient): the search structures cache their host copies and grids by tensor
+# object, so a new copy at every call would rebuild them (e.g. registering many sources to one target).
+_CENTRED: dict = {}
+
+
+def _centred(role: str, points: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(points - c, c)`` with ``c (B, 3)`` the centroid of each cloud's valid points."""
+    key = (points._version, tuple(points.shape), points.dtype, points.device, tuple(lengths.tolist()))
+    cached = _CENTRED.get(role)
+    if cached is not None and cached[0]() is points and cached[1] == key and not points.requires_grad:
+        return cached[2], cached[3]
+    offset = _centroid(points, lengths)
+    centred = points - offset[:, None]
+    _CENTRED[role] = (weakref.ref(points), key, centred, offset) if not points.requires_grad else None
+    return centred, offset
+
+
 def _centroid(points: Tensor, lengths: Tensor) -> Tensor:
     with torch.no_grad():
         mask = checks.lengths_mask(lengths, points.shape[1]).to(points.dtype)[..., None]
@@ -154,12 +173,10 @@ def _centre(p: Problem) -> None:
     the origin, the linearised solvers would otherwise couple rotation and translation badly
     (a twist acts about the origin), and float32 would lose the cloud's detail to its offset.
     """
-    p.source_offset = _centroid(p.source, p.source_lengths)
-    p.source = p.source - p.source_offset[:, None]
+    p.source, p.source_offset = _centred("source", p.source, p.source_lengths)
     _check_magnitude("source", p.source, p.source_lengths)
     if p.intrinsics is None:
-        p.target_offset = _centroid(p.target, p.target_lengths)
-        p.target = p.target - p.target_offset[:, None]
+        p.target, p.target_offset = _centred("target", p.target, p.target_lengths)
         _check_magnitude("target", p.target, p.target_lengths)
     else:
         p.target_offset = p.source_offset

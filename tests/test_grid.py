@@ -477,3 +477,19 @@ def test_warm_start_certifies_clouds_smaller_than_the_neighbourhood():
     out = index.query(q + 0.01)
     assert index.certified_fraction == 1.0
     assert torch.equal(out.indices, naive_knn(q + 0.01, pts, 1)[1])
+
+
+def test_starting_numbas_thread_pool_keeps_torchs_thread_count():
+    """numba's OpenMP pool resets the runtime torch shares: a process pinned to one torch thread
+    must stay on one after its first ICP call (in a fresh process, where the pool starts)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, diffcp; torch.set_num_threads(1); "
+            "x = torch.randn(2, 128, 3, generator=torch.Generator().manual_seed(0)); "
+            "diffcp.icp(x, x + 0.01, correspondence='soft_nn'); diffcp.icp(x, x + 0.01); "
+            "print(torch.get_num_threads())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -618,15 +618,23 @@ _THREADS_LAUNCHED = False
 
 def _launch_threads() -> None:
     """Start numba's thread pool once, quietly: where an older TBB is already loaded (Open3D ships
-    one) numba warns that it skips its TBB layer and uses OpenMP, which concerns nobody here."""
+    one) numba warns that it skips its TBB layer and uses OpenMP, which concerns nobody here.
+
+    Starting an OpenMP pool resets the OpenMP runtime that torch shares to numba's thread count:
+    torch's own thread count (``torch.set_num_threads``) is restored afterwards, so that a process
+    pinned to one thread stays on one (its reductions, and so its digits, would change otherwise).
+    """
     global _THREADS_LAUNCHED
     if not _THREADS_LAUNCHED:
+        torch_threads = torch.get_num_threads()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TBB.*")
             try:
                 numba.np.ufunc.parallel._launch_threads()
             except AttributeError:  # pragma: no cover - a numba without that helper launches lazily
                 pass
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
         _THREADS_LAUNCHED = True
 
 
