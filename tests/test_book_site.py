@@ -31,6 +31,8 @@ EXPECTED_CHAPTERS = [
     "book/05_differentiating_through_icp",
     "book/06_validation_against_open3d",
     "book/07_tailor_it_to_the_hardware",
+    "book/08_body_depth_maps",
+    "book/09_modelnet40_and_deep_closest_point",
 ]
 
 
