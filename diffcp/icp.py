@@ -64,7 +64,7 @@ from .settings import (
     SoftNearestNeighbor,
     TruncatedBackward,
 )
-from .weight import distance_weights, normal_weights, robust_weights
+from .weight import distance_weights, normal_weights, robust_weights, safe_sqrt
 
 __all__ = ["icp", "ICPResult"]
 
@@ -174,7 +174,7 @@ def _step(p: Problem, T: Tensor):
     for opt in p.settings.weighting:
         if isinstance(opt, RobustKernel):
             w = w * robust_weights(r, opt.kernel, opt.scale)
-    error = weighted_cost(r, w).clamp_min(0).sqrt()
+    error = safe_sqrt(weighted_cost(r, w))  # gradient 0, not NaN, at an exact fit
     return _minimise(p, T, y, ny, match, w), error
 
 
@@ -461,7 +461,8 @@ def _conditioning(p: Problem, T: Tensor) -> Tensor:
     c = (y * w[..., None]).sum(1) / w.sum(1).clamp_min(torch.finfo(T.dtype).tiny)[:, None]
     A, _, _ = normal_equations(p.settings.metric, y - c[:, None], match.points - c[:, None], w,
                                target_normals=match.normals, source_normals=ny)
-    d = torch.cat([1 / p.scale[:, None].expand(-1, 3), torch.ones_like(p.scale)[:, None].expand(-1, 3)], 1)
+    scale = p.scale.clamp_min(torch.finfo(T.dtype).tiny ** 0.25)  # a cloud of one repeated point: any scale
+    d = torch.cat([1 / scale[:, None].expand(-1, 3), torch.ones_like(scale)[:, None].expand(-1, 3)], 1)
     ev = torch.linalg.eigvalsh(A * d[:, :, None] * d[:, None, :])
     return ev[:, 0] / ev[:, -1].clamp_min(torch.finfo(T.dtype).tiny)
 

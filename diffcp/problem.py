@@ -145,7 +145,7 @@ def _shifted(T: Tensor, source_shift: Tensor, target_shift: Tensor) -> Tensor:
     return torch.cat([torch.cat([R, t_new[..., None]], -1), T[:, 3:]], 1)
 
 
-def _check_magnitude(name: str, centred: Tensor, lengths: Tensor) -> None:
+def _check_magnitude(name: str, centred: Tensor, lengths: Tensor, offset: Tensor) -> None:
     """Refuse clouds whose extent the dtype cannot square: ICP sums squared coordinates, which
     overflow above ``sqrt(max)`` and vanish below ``sqrt(tiny)`` (about 1.8e19 and 1.1e-19 in
     float32). Rescale the clouds (and the thresholds) or use float64."""
@@ -153,8 +153,11 @@ def _check_magnitude(name: str, centred: Tensor, lengths: Tensor) -> None:
         return
     finfo = torch.finfo(centred.dtype)
     radius = cloud_scale(centred, lengths)
-    extent = centred.detach().abs().amax((1, 2))
-    big, small = extent > finfo.max ** 0.5 / 1e3, (radius < finfo.tiny ** 0.5 * 1e3) & (extent > 0)
+    valid = checks.lengths_mask(lengths, centred.shape[1])[..., None]
+    extent = torch.where(valid, centred.detach().abs(), torch.zeros((), dtype=centred.dtype)).amax((1, 2))
+    # a cloud of one repeated point keeps only the rounding of its centroid: that is zero extent
+    rounding = 16 * finfo.eps * offset.detach().abs().amax(-1)
+    big, small = extent > finfo.max ** 0.5 / 1e3, (radius < finfo.tiny ** 0.5 * 1e3) & (extent > rounding)
     if bool(big.any()) or bool(small.any()):
         what = "spread over more than" if bool(big.any()) else "spread over less than"
         limit = finfo.max ** 0.5 / 1e3 if bool(big.any()) else finfo.tiny ** 0.5 * 1e3
@@ -174,10 +177,10 @@ def _centre(p: Problem) -> None:
     (a twist acts about the origin), and float32 would lose the cloud's detail to its offset.
     """
     p.source, p.source_offset = _centred("source", p.source, p.source_lengths)
-    _check_magnitude("source", p.source, p.source_lengths)
+    _check_magnitude("source", p.source, p.source_lengths, p.source_offset)
     if p.intrinsics is None:
         p.target, p.target_offset = _centred("target", p.target, p.target_lengths)
-        _check_magnitude("target", p.target, p.target_lengths)
+        _check_magnitude("target", p.target, p.target_lengths, p.target_offset)
     else:
         p.target_offset = p.source_offset
         p.camera_pose = _shifted(p.camera_pose, torch.zeros_like(p.source_offset), -p.source_offset)
