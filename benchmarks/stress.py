@@ -504,6 +504,11 @@ def main(argv=None):
         return 0
     batch = args.batch or (4 if args.quick else 64)
     started = time.time()
+    from diffcp.provenance import provenance
+
+    # the code that runs is the code imported now: write_result records the commit at the end, which
+    # may differ on a working tree that others edit during a long run
+    code_at_start = provenance()["git"]
     counts = run_stress(args.registrations, batch=batch, seed=args.seed, quick=args.quick, budget=args.budget)
     print(table(counts))
     total = sum(c["runs"] for c in counts.values())
@@ -514,7 +519,14 @@ def main(argv=None):
         from diffcp.provenance import write_result
 
         name = f"stress-{machine_tag()}" + ("-quick" if args.quick else "") + ".json"
-        data = dict(registrations=total, requested=args.registrations if not args.quick else total, failures=fails, refused=sum(c["refused"] for c in counts.values()),
+        code_at_end = provenance()["git"]
+
+        def library(git):  # the commit and the library files that differ from it
+            return git["commit"], sorted(p for p in git.get("dirty_paths", []) if p.startswith("diffcp/"))
+
+        data = dict(code_at_start=code_at_start,
+                    library_changed_during_run=library(code_at_end) != library(code_at_start),
+                    registrations=total, requested=args.registrations if not args.quick else total, failures=fails, refused=sum(c["refused"] for c in counts.values()),
                     seed=args.seed, batch=batch, threads=args.threads, max_iterations=MAX_ITERATIONS,
                     truncated_iterations=TRUNCATED, kinds=list(KINDS), pairings=list(PAIRINGS),
                     configurations=_plain(counts))
