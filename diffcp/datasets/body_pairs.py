@@ -284,9 +284,18 @@ def _run_tasks(tasks, vertices, faces, settings, workers, progress):
         iterator = map(_write_shard, tasks)
         pool = None
     else:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = "1"  # spawned workers inherit it: one thread each
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
+        # spawned workers inherit the environment at their start: one thread each. The parent's own
+        # values come back at once (numba refuses a NUMBA_NUM_THREADS that changes after its pool started).
+        saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+        os.environ.update({var: "1" for var in saved})
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
+        finally:
+            for var, value in saved.items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
         iterator = pool.imap_unordered(_write_shard, tasks)
     try:
         for entry in iterator:
