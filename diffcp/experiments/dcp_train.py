@@ -70,7 +70,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -79,6 +78,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffcp.provenance import atomic_write
 
 __all__ = ["TrainSettings", "DCPWithICP", "dcp_loss", "build_model", "icp_layer", "training_pairs", "train", "main",
            "ICP_MODES", "TRAIN_PROTOCOLS", "weights_sha256", "epoch_item_seeds", "evaluate",
@@ -281,19 +282,8 @@ def _average_buffers(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 def _save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through :func:`diffcp.provenance.atomic_write`: a checkpoint is never half-written."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _rng_states() -> dict:
