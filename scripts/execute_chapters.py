@@ -49,6 +49,20 @@ def find_chapters(names: List[str]) -> List[Path]:
     return list(dict.fromkeys(chosen))
 
 
+def merge_streams(outputs):
+    """Consecutive outputs of one stream (stdout or stderr) merged into one, so that the page
+    shows one output box for a cell that printed in several pieces (nbval compares the same)."""
+    merged = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if out.get("output_type") == "stream" and prev is not None \
+                and prev.get("output_type") == "stream" and prev.get("name") == out.get("name"):
+            prev["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def execute(path: Path, timeout: int, kernel: str) -> Optional[str]:
     """Execute one notebook in place; return None on success or the error text."""
     import nbformat
@@ -68,6 +82,9 @@ def execute(path: Path, timeout: int, kernel: str) -> Optional[str]:
         client.execute()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
         return str(err)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     # Keep the notebook's own metadata (kernelspec, Colab and Jupytext settings); drop
     # volatile execution metadata nbclient may add.
     nbformat.validate(nb)

@@ -301,3 +301,28 @@ def test_chapter_pages_in_chromium(site, driver):
         errors = _severe_errors(driver)
         assert not errors, f"{page}: SEVERE console errors:\n" + "\n".join(errors)
     assert plotly_pages, "no page renders a plotly figure (.js-plotly-plot with an svg/canvas)"
+
+
+def test_merge_streams_joins_consecutive_pieces_of_one_stream():
+    nbformat = pytest.importorskip("nbformat")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import execute_chapters
+    finally:
+        sys.path.pop(0)
+    out = lambda name, text: nbformat.v4.new_output("stream", name=name, text=text)
+    merged = execute_chapters.merge_streams([out("stdout", "a\n"), out("stdout", "b\n"),
+                                             out("stderr", "w\n"), out("stdout", "c\n")])
+    assert [(o["name"], o["text"]) for o in merged] == [("stdout", "a\nb\n"), ("stderr", "w\n"), ("stdout", "c\n")]
+
+
+@pytest.mark.parametrize("chapter", EXPECTED_CHAPTERS, ids=lambda c: c[5:7])
+def test_stored_chapter_is_light_and_shows_each_output_once(chapter):
+    nbformat = pytest.importorskip("nbformat")
+    path = ROOT / f"{chapter}.ipynb"
+    assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB (limit 1 MB)"
+    nb = nbformat.read(path, as_version=4)
+    for k, cell in enumerate(nb.cells):
+        streams = [o.get("name") if o.get("output_type") == "stream" else None for o in cell.get("outputs", [])]
+        split = [a for a, b in zip(streams, streams[1:]) if a is not None and a == b]
+        assert not split, f"{path.name}, cell {k}: one stream printed as {len(split) + 1} boxes"
