@@ -47,3 +47,21 @@ def test_entry_point_writes_the_layout(tmp_path):
     for name, data in result["settings"]["icp_variants"].items():
         assert ICPSettings.from_dict(data) == ev.REFINE_SETTINGS[name]
     assert result["provenance"]["command"].startswith("python -m diffcp.experiments.modelnet40_eval")
+
+
+def test_quoted_paper_tables_are_complete_and_consistent():
+    from diffcp.experiments.modelnet40_eval import PAPER_TABLES, QUOTED
+
+    tables = QUOTED[PAPER_TABLES]
+    assert set(tables) == {"clean", "unseen", "noise_dcp"}
+    for protocol, table in tables.items():
+        assert set(table["rows"]) == {"ICP", "Go-ICP", "FGR", "PointNetLK", "DCP-v1", "DCP-v2"}, protocol
+        for name, values in table["rows"].items():
+            mse_r, rmse_r, mae_r, mse_t, rmse_t, mae_t = values
+            # RMSE is the square root of MSE (to the paper's six digits), and MAE <= RMSE
+            assert abs(rmse_r ** 2 - mse_r) < 1e-4 * max(1.0, mse_r), (protocol, name)
+            assert abs(rmse_t ** 2 - mse_t) < 2e-6, (protocol, name)
+            assert mae_r <= rmse_r and mae_t <= rmse_t, (protocol, name)
+    ablation = next(v for k, v in QUOTED.items() if "Table 5" in k)
+    assert ablation["DGCNN+DCP-v2"] == tables["clean"]["rows"]["DCP-v2"][:3]
+    assert ablation["DGCNN+DCP-v1"] == tables["clean"]["rows"]["DCP-v1"][:3]

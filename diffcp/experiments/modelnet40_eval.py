@@ -157,12 +157,38 @@ def evaluate(protocol_name: str, methods: Sequence[str], folder=None, max_object
     return {"metrics": results, "timing": timing, "pairs": count}
 
 
+PAPER_TABLES = "DCP paper (Wang & Solomon, ICCV 2019), Tables 1-3, six metrics, full test set"
 QUOTED = {
     "DCP paper (Wang & Solomon, ICCV 2019, arXiv:1905.03304), Table 5 ablation, clean, rotation MSE / RMSE / MAE (deg)": {
         "DGCNN+DCP-v2": [1.307329, 1.143385, 0.770573],
         "DGCNN+DCP-v1": [6.480572, 2.545697, 1.505548],
         "PointNet+DCP-v1": [17.008, 4.124, 2.800],
         "PointNet+DCP-v2": [49.863, 7.061, 4.485],
+    },
+    # Read from the ICCV 2019 camera-ready PDF (openaccess.thecvf.com, Wang_Deep_Closest_Point_..._ICCV_2019_paper.pdf):
+    # full ModelNet40 test set; rotation errors in degrees of Euler angles, translation in unit-sphere units.
+    PAPER_TABLES: {
+        "clean": {"table": "Table 1, test on unseen point clouds", "rows": {
+            "ICP": [894.897339, 29.914835, 23.544817, 0.084643, 0.290935, 0.248755],
+            "Go-ICP": [140.477325, 11.852313, 2.588463, 0.000659, 0.025665, 0.007092],
+            "FGR": [87.661491, 9.362772, 1.999290, 0.000194, 0.013939, 0.002839],
+            "PointNetLK": [227.870331, 15.095374, 4.225304, 0.000487, 0.022065, 0.005404],
+            "DCP-v1": [6.480572, 2.545697, 1.505548, 0.000003, 0.001763, 0.001451],
+            "DCP-v2": [1.307329, 1.143385, 0.770573, 0.000003, 0.001786, 0.001195]}},
+        "unseen": {"table": "Table 2, test on unseen categories", "rows": {
+            "ICP": [892.601135, 29.876431, 23.626110, 0.086005, 0.293266, 0.251916],
+            "Go-ICP": [192.258636, 13.865736, 2.914169, 0.000491, 0.022154, 0.006219],
+            "FGR": [97.002747, 9.848997, 1.445460, 0.000182, 0.013503, 0.002231],
+            "PointNetLK": [306.323975, 17.502113, 5.280545, 0.000784, 0.028007, 0.007203],
+            "DCP-v1": [19.201385, 4.381938, 2.680408, 0.000025, 0.004950, 0.003597],
+            "DCP-v2": [9.923701, 3.150191, 2.007210, 0.000025, 0.005039, 0.003703]}},
+        "noise_dcp": {"table": "Table 3, test on objects with Gaussian noise", "rows": {
+            "ICP": [882.564209, 29.707983, 23.557217, 0.084537, 0.290752, 0.249092],
+            "Go-ICP": [131.182495, 11.453493, 2.534873, 0.000531, 0.023051, 0.004192],
+            "FGR": [607.694885, 24.651468, 10.055918, 0.011876, 0.108977, 0.027393],
+            "PointNetLK": [256.155548, 16.004860, 4.595617, 0.000465, 0.021558, 0.005652],
+            "DCP-v1": [6.926589, 2.631841, 1.515879, 0.000003, 0.001801, 0.001697],
+            "DCP-v2": [1.169384, 1.081380, 0.737479, 0.000002, 0.001500, 0.001053]}},
     },
     "Authors' code with dcp_v1.t7 on the 100 test airplanes of ../shared/data (shared/notes/REFERENCE.md)": {
         "rmse_r": 1.34, "median_geodesic_deg": 1.51, "rmse_t": 0.0030,
