@@ -8,7 +8,7 @@
  *    whose lines are aligned columns a wrapped line breaks the table, so when a slightly smaller
  *    font (down to MIN_TABLE_SCALE) fits its widest line, the output keeps its lines unwrapped in
  *    that font (pre.fit-shrunk).
- * Both are measured again when the window is resized.
+ * Both are measured again when the window has been resized (window.diffcpFit() does it on demand).
  */
 (function () {
   "use strict";
@@ -43,18 +43,26 @@
     return lines.length > 0 && columns.length >= lines.length / 2;
   }
 
+  // width of the widest line of a pre, unwrapped: a hidden max-content copy beside it
+  function unwrappedScale(pre) {
+    var copy = pre.cloneNode(true);
+    copy.classList.add("fit-shrunk");
+    copy.style.cssText = "position: absolute; visibility: hidden; left: 0; top: 0; width: max-content; max-width: none;";
+    pre.parentElement.appendChild(copy);
+    var cs = getComputedStyle(pre), pad = parseFloat(cs.paddingLeft) + parseFloat(cs.paddingRight);
+    var scale = (pre.clientWidth - pad - 2) / (copy.clientWidth - pad);
+    copy.remove();
+    return scale;
+  }
+
   function fitOutput(pre) {
     pre.classList.remove("fit-shrunk");
     pre.style.fontSize = "";
     if (getComputedStyle(pre).whiteSpace !== "pre-wrap" || !isTextTable(pre.textContent)) return;
-    pre.classList.add("fit-shrunk");  // unwrapped: measure the widest line
-    var scale = (pre.clientWidth - 2) / pre.scrollWidth;
-    if (scale >= 1) return;
-    if (scale < MIN_TABLE_SCALE) {
-      pre.classList.remove("fit-shrunk");  // too wide to shrink legibly: it wraps
-      return;
-    }
+    var scale = unwrappedScale(pre);
+    if (scale >= 1 || scale < MIN_TABLE_SCALE) return;  // fits unwrapped already, or too wide: wraps
     var size = parseFloat(getComputedStyle(pre).fontSize);
+    pre.classList.add("fit-shrunk");
     pre.style.fontSize = Math.floor(size * scale * 100) / 100 + "px";
     if (overflows(pre)) {
       pre.classList.remove("fit-shrunk");
@@ -75,11 +83,13 @@
     fitEquations();
   }
 
+  // measured again once the window has stopped changing size for a moment
   var pending = null;
   window.addEventListener("resize", function () {
-    if (pending) cancelAnimationFrame(pending);
-    pending = requestAnimationFrame(function () { pending = null; fitAll(); });
+    clearTimeout(pending);
+    pending = setTimeout(fitAll, 150);
   });
+  window.diffcpFit = fitAll;
 
   function whenTypeset(tries) {
     var mj = window.MathJax;
