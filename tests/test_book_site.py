@@ -326,3 +326,140 @@ def test_stored_chapter_is_light_and_shows_each_output_once(chapter):
         streams = [o.get("name") if o.get("output_type") == "stream" else None for o in cell.get("outputs", [])]
         split = [a for a, b in zip(streams, streams[1:]) if a is not None and a == b]
         assert not split, f"{path.name}, cell {k}: one stream printed as {len(split) + 1} boxes"
+
+
+# --------------------------------------------------------------------------- layout check
+
+DESKTOP, PHONE = 1280, 400
+FIT_PAGES = ["book/intro", *EXPECTED_CHAPTERS, "book/gpu", "book/bibliography"]
+
+# Runs in the page: counts the code blocks, output blocks, tables and display equations of the
+# article and lists the ones that do not fit their column. A block "does not fit" when it, a box
+# inside it, or the nearest ancestor that clips or scrolls it (its scroll container) is wider
+# inside than outside (scrollWidth > clientWidth + 1), or when it reaches out of the text column.
+_MEASURE_JS = r"""
+const done = arguments[arguments.length - 1];
+const settle = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 50))));
+(async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+  if (document.fonts) await document.fonts.ready;
+  await settle();
+  const article = document.querySelector("article.bd-article") || document.querySelector("main");
+  const column = article.getBoundingClientRect();
+  const kinds = {  // one element per block
+    code: "div.highlight",
+    output: "div.cell_output > *",
+    table: "table",
+    equation: "div.math",
+  };
+  const scroller = el => {
+    for (let a = el.parentElement; a && a !== article; a = a.parentElement)
+      if (getComputedStyle(a).overflowX !== "visible") return a;
+    return null;
+  };
+  // an element scrolls when it clips or scrolls sideways and its content is wider than its box
+  // (elements that let their content overflow visibly are caught by the column check instead)
+  const scrolls = el => getComputedStyle(el).overflowX !== "visible" && el.scrollWidth > el.clientWidth + 1;
+  const describe = el => (el.textContent || "").replace(/\s+/g, " ").trim().slice(0, 70);
+  const blocks = {}, bad = [];
+  for (const [kind, selector] of Object.entries(kinds)) {
+    let els = [...article.querySelectorAll(selector)];
+    if (kind === "code") els = els.filter(el => !el.closest("div.cell_output"));
+    els = els.filter(el => el.getClientRects().length);  // rendered
+    blocks[kind] = els.length;
+    for (const el of els) {
+      const box = scroller(el), parts = [el, ...el.querySelectorAll("pre, div, table, mjx-container")];
+      const inner = parts.find(scrolls);
+      const out = parts.find(e => { const r = e.getBoundingClientRect(); return r.width && (r.right > column.right + 1 || r.left < column.left - 1); });
+      const name = e => e === el ? "" : e.tagName.toLowerCase() + " inside ";
+      let why = null;
+      if (inner) why = `${name(inner)}scrolls: ${inner.scrollWidth} > ${inner.clientWidth}`;
+      else if (box && scrolls(box))
+        why = `its ${box.tagName.toLowerCase()}.${[...box.classList].join(".")} scrolls: ${box.scrollWidth} > ${box.clientWidth}`;
+      else if (out) {
+        const r = out.getBoundingClientRect();
+        why = `${name(out)}reaches out of the column: [${Math.round(r.left)}, ${Math.round(r.right)}] vs [${Math.round(column.left)}, ${Math.round(column.right)}]`;
+      }
+      if (why) bad.push({kind, why, text: describe(el)});
+    }
+  }
+  const doc = document.documentElement;
+  done({blocks, bad, viewport: window.innerWidth, clientWidth: doc.clientWidth, scrollWidth: doc.scrollWidth});
+})().catch(e => done({error: String(e)}));
+"""
+
+_FIGURES_JS = r"""
+const done = arguments[arguments.length - 1];
+(async () => {
+  const imgs = [...document.querySelectorAll("article img")];
+  await Promise.all(imgs.map(img => img.complete ? null : new Promise(r => { img.onload = img.onerror = r; })));
+  const broken = imgs.filter(img => !(img.naturalWidth > 0)).map(img => img.getAttribute("src"));
+  const plots = [...document.querySelectorAll("article .plotly-graph-div")];
+  const blank = plots.filter(p => !p.querySelector("svg, canvas")).map(p => p.id);
+  const text = document.querySelector("article").innerText;
+  const refs = [...document.querySelectorAll("article a[href*='#equation-']")].map(a => a.getAttribute("href"));
+  const unresolved = [...document.querySelectorAll("article .xref.eq, article span.eq, article .math-ref-missing")]
+    .filter(el => !el.closest("a")).map(el => el.textContent);
+  done({images: imgs.length, broken, plots: plots.length, blank, missing: text.includes("???"), refs, unresolved});
+})().catch(e => done({error: String(e)}));
+"""
+
+
+def _load(driver, url, width):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.set_window_size(width, 900)
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    # open every dropdown so that the blocks folded into them are measured too
+    driver.execute_script("document.querySelectorAll('article details').forEach(d => d.open = true)")
+    got = driver.execute_script("return window.innerWidth")
+    assert got == width, f"the browser window is {got} px wide, not {width}: the layout check cannot run"
+
+
+@browser
+def test_pages_fit_desktop_and_phone_screens(site, driver):
+    """At 1280 px no code block, output, table or display equation scrolls sideways; at 400 px
+    (a phone) equations and tables still fit and the page never scrolls sideways (code and output
+    blocks may scroll inside their own box). Every equation reference resolves; every figure
+    renders."""
+    driver.set_script_timeout(60)
+    failures = []
+    try:
+        for page in FIT_PAGES:
+            url = f"{site}/{page}.html"
+            _load(driver, url, DESKTOP)
+            figs = driver.execute_async_script(_FIGURES_JS)
+            assert "error" not in figs, f"{page}: {figs}"
+            failures += [f"{page}: image {src} does not render" for src in figs["broken"]]
+            failures += [f"{page}: plotly figure {i} draws no svg/canvas" for i in figs["blank"]]
+            if figs["missing"]:
+                failures.append(f"{page}: '???' in the text (an unresolved number)")
+            failures += [f"{page}: unresolved equation reference {t!r}" for t in figs["unresolved"]]
+            for href in figs["refs"]:
+                target, _, anchor = href.partition("#")
+                html = (HTML / page).parent / target if target else HTML / f"{page}.html"
+                if not (html.is_file() and f'id="{anchor}"' in html.read_text()):
+                    failures.append(f"{page}: equation reference {href} points nowhere")
+            for width in (DESKTOP, PHONE):
+                if width != DESKTOP:
+                    _load(driver, url, width)
+                m = driver.execute_async_script(_MEASURE_JS)
+                assert "error" not in m, f"{page} at {width} px: {m}"
+                if width == DESKTOP:
+                    bad = m["bad"]
+                else:
+                    bad = [b for b in m["bad"] if b["kind"] in ("table", "equation")]
+                    if m["scrollWidth"] > m["clientWidth"]:
+                        failures.append(f"{page} at {width} px: the page scrolls sideways "
+                                        f"({m['scrollWidth']} > {m['clientWidth']} px)")
+                counts = {}
+                for b in bad:
+                    counts[b["kind"]] = counts.get(b["kind"], 0) + 1
+                if bad:
+                    summary = ", ".join(f"{n} of {m['blocks'][k]} {k} blocks" for k, n in counts.items())
+                    failures.append(f"{page} at {width} px: {summary} do not fit:\n" + "\n".join(
+                        f"    {b['kind']}: {b['why']} -- {b['text']}" for b in bad))
+    finally:
+        driver.set_window_size(DESKTOP, 900)
+    assert not failures, f"{len(failures)} layout failures:\n" + "\n".join(failures)

@@ -14,8 +14,17 @@ And it serves plotly.js once for the whole site: the chapters are executed for t
 ``DIFFCP_PLOTLYJS=site`` (``diffcp.viz.show_plotly`` then does not embed the 4.8 MB library in every
 notebook), the build copies ``plotly.min.js`` from the installed plotly package into ``_static``,
 and only the pages that hold a plotly figure load it. Offline, like the rest of the site.
+
+Finally it makes the pages fit the screen (``_static/fit.css`` and ``_static/fit.js``, on every
+page): code and text outputs wrap their long lines at desktop width, tables and display equations
+fit a phone. For readable wrapped code, every line of a highlighted block is put in a
+``<span class="line" style="--indent: N">`` (N: the line's leading spaces), so that the CSS can
+continue a wrapped line 4 columns right of where it starts. The text of the blocks is unchanged
+(copy buttons and Thebe read the same code).
 """
 
+import html
+import re
 import shutil
 from pathlib import Path
 
@@ -58,7 +67,38 @@ def _plotly_pages(app, pagename, templatename, context, doctree):
         context["script_files"].insert(0, "_static/plotly.min.js")
 
 
+_HIGHLIGHTED = re.compile(r'(<div class="highlight"><pre>)(.*?)(</pre></div>)', re.S)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _line_spans(block: str) -> str:
+    """Wrap each line of one Pygments ``<pre>`` body in a span that carries its indentation.
+    Pygments closes its token spans at the end of every line; a block where that does not hold is
+    returned unchanged."""
+    lines = block.split("\n")
+    if any(line.count("<span") != line.count("</span>") for line in lines):
+        return block
+    out = []
+    for line in lines:
+        text = html.unescape(_TAG.sub("", line))
+        if not text.strip():
+            out.append(line)
+            continue
+        indent = len(text) - len(text.lstrip(" "))
+        out.append(f'<span class="line" style="--indent: {indent}">{line}</span>')
+    return "\n".join(out)
+
+
+def _wrap_code_lines(app, pagename, templatename, context, doctree):
+    body = context.get("body")
+    if body and '<div class="highlight"><pre>' in body:
+        context["body"] = _HIGHLIGHTED.sub(lambda m: m.group(1) + _line_spans(m.group(2)) + m.group(3), body)
+
+
 def setup(app):
+    app.add_css_file("fit.css")
+    app.add_js_file("fit.js")
+    app.connect("html-page-context", _wrap_code_lines)
     app.connect("config-inited", _local_mathjax)
     app.connect("html-page-context", _plotly_pages, priority=800)
     app.connect("build-finished", _copy_plotly)
