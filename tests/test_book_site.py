@@ -66,7 +66,8 @@ def test_config_matches_the_contract():
     assert cfg["bibtex_bibfiles"] == ["book/references.bib"]
     assert {"dollarmath", "amsmath", "colon_fence"} <= set(cfg["parse"]["myst_enable_extensions"])
     assert cfg["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
-    assert cfg["repository"] == {"url": REPO_URL, "branch": "main", "path_to_book": ""}
+    assert cfg["repository"]["url"] == REPO_URL and cfg["repository"]["path_to_book"] == ""
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", cfg["repository"]["branch"])   # the release tag (tests/test_colab.py)
     assert cfg["html"]["use_repository_button"] is True
     assert cfg["sphinx"]["config"]["math_numfig"] is True
     assert "book/CHAPTER_TEMPLATE.md" in cfg["exclude_patterns"]
@@ -295,7 +296,8 @@ def test_chapter_pages_in_chromium(site, driver):
                 message=f"{page}: MathJax typeset no equation",
             )
         if page in chapters:
-            expected = f"https://colab.research.google.com/github/diffcp/diffcp/blob/main/{page}.ipynb"
+            ref = _yaml(ROOT / "_config.yml")["repository"]["branch"]   # the same ref as the install cells
+            expected = f"https://colab.research.google.com/github/diffcp/diffcp/blob/{ref}/{page}.ipynb"
             links = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a[href^='https://colab.research.google.com']")}
             assert links == {expected}, f"{page}: Colab links {sorted(links)} != {expected}"
         errors = _severe_errors(driver)
