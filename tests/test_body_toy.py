@@ -94,6 +94,96 @@ def test_run_writes_the_record(data, tmp_path):
     assert record["settings"]["evaluation"]["icp"]["reject_iterations"] == 1
 
 
+def test_icp_variants_are_evaluated_and_recorded(data, tmp_path):
+    """evaluate --icp-variants adds the six variant methods, with their ICP stages as settings data,
+    and leaves the four methods of record exactly as they were."""
+    runs = tmp_path / "runs"
+    common = ["--data", str(data), "--runs", str(runs), "--test-icp-iterations", "3", "--test-reject-iterations", "1",
+              "--no-progress"]
+    assert body_toy.main(["train", "--epochs", "1", "--batch-size", "6", "--train-icp-iterations", "2",
+                          "--train-reject-iterations", "1"] + common) == 0
+    assert body_toy.main(["evaluate", "--json", str(tmp_path / "plain.json")] + common) == 0
+    assert body_toy.main(["evaluate", "--json", str(tmp_path / "variants.json"), "--icp-variants"] + common) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    record = json.loads((tmp_path / "variants.json").read_text())
+    assert list(record["curves"]) == list(body_toy.METHODS + body_toy.VARIANT_METHODS)
+    for method in body_toy.METHODS:
+        assert record["curves"][method] == plain["curves"][method]
+    for method in body_toy.VARIANT_METHODS:
+        assert sum(record["curves"][method]["n"]) == 6 and record["summary"][method]["n"] == 6
+    assert "icp_variants" not in plain["settings"]["evaluation"]
+    variants = record["settings"]["evaluation"]["icp_variants"]
+    assert set(variants) == set(body_toy.VARIANTS)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for name, entry in variants.items():
+        assert entry["methods"] == [name, "cnn_then_" + name]
+        assert [s["iterations"] for s in entry["stages"]] == [2, 1]
+        for stage in entry["stages"]:
+            settings = body_toy.ICPSettings.from_dict(stage["settings"])
+            assert settings.metric == entry["metric"]
+        if entry["correspondence"] == "projective":
+            corr = stage["settings"]["correspondence"]
+            assert corr["type"] == "projective" and corr["camera_pose"] is None and corr["mode"] == "nearest"
+            assert corr["intrinsics"] == manifest["intrinsics"]
+
+
+@pytest.fixture(scope="module")
+def fine_pair():
+    """One pair rendered finely enough (96 x 96 pixels) for projective association to be accurate."""
+    from diffcp.datasets.body_pairs import intrinsics, make_pair
+
+    m = trimesh.creation.capsule(height=1.2, radius=0.3, count=[24, 24])
+    box = trimesh.creation.box(extents=(0.5, 0.15, 0.15))
+    box.apply_translation((0.5, 0.0, 0.3))
+    m = trimesh.util.concatenate([m, box])
+    settings = PairSettings(image_size=96, num_points=300, max_angle_deg=15, max_translation=0.1)
+    pair = make_pair(torch.tensor(m.vertices, dtype=torch.float32), torch.tensor(m.faces), settings,
+                     torch.Generator().manual_seed(5))
+    batch = {k: torch.as_tensor(getattr(pair, k))[None].float() for k in
+             ("source_depth", "target_depth", "source_points", "target_points", "target_normals", "transform")}
+    return batch, intrinsics(settings)
+
+
+def test_projective_icp_camera_and_convergence(fine_pair):
+    """The target depth map is seen by the dataset's intrinsics with the identity pose: the target
+    points project back onto their own pixels; projective point-to-plane ICP started at the true
+    pose stays there, and from a small perturbation it returns to it."""
+    from diffcp.camera import project
+
+    batch, K = fine_pair
+    G = batch["transform"]
+    uv, z = project(batch["target_points"][0], K)
+    pixel = uv.round().long()
+    assert float((uv - pixel).abs().max()) < 1e-3
+    assert torch.allclose(batch["target_depth"][0][pixel[:, 1], pixel[:, 0]], z, atol=1e-5)
+
+    stages = body_toy.variant_stages(body_toy.VARIANTS["icp_projective"], RefineSettings(15, 10), K)
+    x = batch["source_points"]
+    at_truth = body_toy.refine_variant(batch, G, stages)
+    assert float(transform_error(at_truth, G, x)) < 0.003
+    twist = torch.tensor([[0.01, -0.005, 0.01, 0.02, 0.0, -0.02]])  # ~0.9 degree about the camera, 3 cm
+    from diffcp.geometry import apply_twist
+
+    start = apply_twist(G, twist)
+    assert float(transform_error(start, G, x)) > 0.02
+    assert float(transform_error(body_toy.refine_variant(batch, start, stages), G, x)) < 0.003
+    with pytest.raises(ValueError, match="intrinsics"):
+        body_toy.variant_stages(body_toy.VARIANTS["icp_projective"])
+
+
+@pytest.mark.parametrize("method", ["icp_nn", "icp_nn_plane", "icp_projective"])
+def test_hard_and_projective_variants_converge_from_nearby(fine_pair, method):
+    """Every variant, started near the truth through predict's 'cnn_then_' path with a stand-in
+    network, ends near it."""
+    batch, K = fine_pair
+    G = batch["transform"]
+    from diffcp.geometry import apply_twist
+
+    start = apply_twist(G, torch.tensor([[0.005, 0.01, -0.005, -0.01, 0.02, 0.0]]))
+    T = body_toy.predict("cnn_then_" + method, lambda a, b: start, batch, RefineSettings(20, 10), intrinsics=K)
+    assert float(transform_error(T, G, batch["source_points"])) < 0.01
+
+
 def test_refine_rejection_removes_the_bias_of_partial_overlap():
     """Source points without a partner in the target pull plain ICP off; rejection drops them."""
     g = torch.Generator().manual_seed(0)

@@ -9,6 +9,13 @@ Four methods, all mapping the source points into the target (``y = R x + t``, ca
 - ``cnn_then_icp``: the ``cnn`` network, with ICP added at test time only;
 - ``icp``: ICP alone from the identity.
 
+With ``evaluate --icp-variants`` (:data:`VARIANT_METHODS`), also classic ICP variants at test time
+only, on the same pairs and with the same schedule (:class:`ICPVariant`, :func:`variant_stages`):
+hard nearest neighbours with point-to-point Procrustes (``icp_nn``) or point-to-plane Gauss-Newton
+(``icp_nn_plane``), and projective association into the target depth map with point-to-plane
+Gauss-Newton (``icp_projective``), each from the identity and after the ``cnn`` network
+(``cnn_then_icp_nn``, ``cnn_then_icp_nn_plane``, ``cnn_then_icp_projective``).
+
 Error of a transform ``T`` on a pair with ground truth ``G`` and source points ``x_i``:
 ``e(T) = sqrt(mean_i |T x_i - G x_i|^2)`` (metres). The training loss is its batch mean. The
 *initial distance* of a pair is ``e(I)``, the RMS distance between corresponding points before
@@ -22,6 +29,7 @@ Usage::
     python -m diffcp.experiments.body_toy evaluate --data data/body_pairs --runs runs/body_toy \
         --json book/_data/body_toy.json
     python -m diffcp.experiments.body_toy run --data data/body_pairs --runs runs/body_toy   # both
+    python -m diffcp.experiments.body_toy evaluate ... --icp-variants   # also the ICP variants
 
 Training writes ``OUT/checkpoint.pt`` atomically after every epoch and resumes from it (same
 result as an uninterrupted run; deterministic on a CPU for a fixed seed).
@@ -37,6 +45,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -49,14 +58,41 @@ from ..datasets.body_pairs import BodyPairs, load_manifest
 from ..geometry import transform_points
 from ..models.pose_cnn import PoseCNN
 from ..provenance import atomic_write, provenance
-from ..settings import DistanceRejection, ICPSettings, SoftNearestNeighbor, Stopping
+from ..settings import (DistanceRejection, GaussNewtonSolver, ICPSettings, NearestNeighbor, ProjectiveAssociation,
+                        SoftNearestNeighbor, Stopping)
 
-__all__ = ["RefineSettings", "TrainSettings", "EvalSettings", "refine", "transform_error", "predict", "train", "evaluate",
-           "success_curves", "main", "METHODS"]
+__all__ = ["RefineSettings", "TrainSettings", "EvalSettings", "ICPVariant", "VARIANTS", "refine", "variant_stages",
+           "refine_variant", "transform_error", "predict", "train", "evaluate", "success_curves", "main", "METHODS",
+           "VARIANT_METHODS"]
 
 METHODS = ("cnn", "cnn_icp", "cnn_then_icp", "icp")
 TRAINED = ("cnn", "cnn_icp")  # methods with a training run of their own
-NETWORK_OF = {"cnn": "cnn", "cnn_icp": "cnn_icp", "cnn_then_icp": "cnn", "icp": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class ICPVariant:
+    """A test-time-only ICP of :func:`variant_stages`: which ``correspondence`` (``"nn"``: hard
+    nearest neighbours among the target points; ``"projective"``: the pixel of the target depth map
+    that a moved source point projects to) and which ``metric`` (``"point_to_point"``: Procrustes;
+    ``"point_to_plane"``: one Gauss-Newton step per iteration)."""
+
+    correspondence: str
+    metric: str
+
+    def __post_init__(self):
+        if self.correspondence not in ("nn", "projective"):
+            raise ValueError(f"correspondence must be 'nn' or 'projective'; got {self.correspondence!r}.")
+        if self.metric not in ("point_to_point", "point_to_plane"):
+            raise ValueError(f"metric must be 'point_to_point' or 'point_to_plane'; got {self.metric!r}.")
+
+
+# the ICP variants evaluated with --icp-variants: method "icp_X" from the identity, "cnn_then_icp_X" after the CNN
+VARIANTS = {"icp_nn": ICPVariant("nn", "point_to_point"),
+            "icp_nn_plane": ICPVariant("nn", "point_to_plane"),
+            "icp_projective": ICPVariant("projective", "point_to_plane")}
+VARIANT_METHODS = tuple(VARIANTS) + tuple("cnn_then_" + v for v in VARIANTS)
+NETWORK_OF = {"cnn": "cnn", "cnn_icp": "cnn_icp", "cnn_then_icp": "cnn", "icp": None,
+              **{v: None for v in VARIANTS}, **{"cnn_then_" + v: "cnn" for v in VARIANTS}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +189,55 @@ def refine(source: Tensor, target: Tensor, init: Tensor, settings: RefineSetting
     return T
 
 
+def variant_stages(variant: ICPVariant, schedule: RefineSettings = RefineSettings(),
+                   intrinsics: Optional[Tensor] = None) -> List[Tuple[int, ICPSettings]]:
+    """The ICP runs of an :class:`ICPVariant` as ``(iterations, settings)``, on the schedule of
+    :meth:`RefineSettings.stages`: ``schedule.iterations`` in all, the last
+    ``schedule.reject_iterations`` of them rejecting pairs farther apart than
+    ``schedule.reject_distance`` (hard rejection: these variants are classic ICP, not differentiable
+    in their matches). ``intrinsics``: the ``(3, 3)`` pinhole matrix of the target depth map, needed
+    by projective association.
+
+    The projective camera: ``body_pairs`` renders both depth maps with one camera and back-projects
+    them into *its* frame, the frame of the points and of the transforms; so the target depth map is
+    seen by ``intrinsics`` (the manifest's) with camera pose the identity (the dataset's
+    ``camera_pose`` is the camera in the body's frame, which the points are not in).
+    """
+    if variant.correspondence == "nn":
+        correspondence = NearestNeighbor()
+    else:
+        if intrinsics is None:
+            raise ValueError("projective association needs the intrinsics of the target depth map.")
+        correspondence = ProjectiveAssociation(intrinsics, None, "nearest")
+    solver = "procrustes" if variant.metric == "point_to_point" else GaussNewtonSolver()
+    coarse = schedule.iterations - schedule.reject_iterations
+    return [(n, ICPSettings(correspondence=correspondence, metric=variant.metric, solver=solver, rejection=rejection,
+                            backward="unroll", stopping=Stopping(max_iterations=max(n, 1), tolerance=0.0)))
+            for n, rejection in ((coarse, ()),
+                                 (schedule.reject_iterations, (DistanceRejection(schedule.reject_distance),)))]
+
+
+def refine_variant(batch: Dict[str, Tensor], init: Tensor, stages: List[Tuple[int, ICPSettings]]) -> Tensor:
+    """Run the stages of :func:`variant_stages` on a batch (dict of stacked dataset tensors) from
+    ``init (B, 4, 4)``, without gradients; ``(B, 4, 4)``. Point-to-plane with hard neighbours uses
+    the stored target normals; projective association matches into ``target_depth`` and takes its
+    normals from the depth map (:func:`diffcp.camera.normals_from_depth`)."""
+    T = init
+    with torch.no_grad(), warnings.catch_warnings():
+        # a depth map seen from one side often leaves a direction unconstrained; the result is still defined
+        warnings.filterwarnings("ignore", message="ICP: the transform is ambiguous")
+        for n, st in stages:
+            if n == 0:
+                continue
+            if isinstance(st.correspondence, ProjectiveAssociation):
+                T = diffcp.icp(batch["source_points"], batch["target_depth"], st, init=T).transform
+            else:
+                normals = batch["target_normals"] if st.needs_target_normals else None
+                T = diffcp.icp(batch["source_points"], batch["target_points"], st, init=T,
+                               target_normals=normals).transform
+    return T
+
+
 def transform_error(T: Tensor, G: Tensor, points: Tensor) -> Tensor:
     """``e(T) = sqrt(mean_i |T x_i - G x_i|^2)`` per pair, ``(B,)``, for ``points (B, N, 3)``.
 
@@ -166,17 +251,23 @@ def transform_error(T: Tensor, G: Tensor, points: Tensor) -> Tensor:
 
 
 def predict(method: str, net: Optional[PoseCNN], batch: Dict[str, Tensor], icp: RefineSettings = RefineSettings(),
-            *, differentiable: bool = False) -> Tensor:
-    """The transform ``(B, 4, 4)`` a method gives for a batch (dict of stacked dataset tensors)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+            *, differentiable: bool = False, intrinsics: Optional[Tensor] = None) -> Tensor:
+    """The transform ``(B, 4, 4)`` a method gives for a batch (dict of stacked dataset tensors).
+
+    The methods of :data:`VARIANT_METHODS` run their ICP on the schedule ``icp`` (without
+    gradients); the projective ones need the target's ``intrinsics`` ``(3, 3)``."""
+    if method not in METHODS + VARIANT_METHODS:
+        raise ValueError(f"method must be one of {METHODS + VARIANT_METHODS}; got {method!r}.")
     B = batch["source_points"].shape[0]
-    if method == "icp":
+    if NETWORK_OF[method] is None:
         init = torch.eye(4, dtype=batch["source_points"].dtype).expand(B, 4, 4)
     else:
         init = net(batch["source_depth"], batch["target_depth"])
         if method == "cnn":
             return init
+    if method in VARIANT_METHODS:
+        variant = VARIANTS[method[len("cnn_then_"):] if method.startswith("cnn_then_") else method]
+        return refine_variant(batch, init, variant_stages(variant, icp, intrinsics))
     return refine(batch["source_points"], batch["target_points"], init, icp, differentiable=differentiable)
 
 
@@ -286,7 +377,7 @@ def train(data_root, out_dir, settings: TrainSettings = TrainSettings(), *, prog
     return TrainResult(out / "checkpoint.pt", net, history)
 
 
-def _errors(method, net, arrays, icp: RefineSettings, batch_size: int) -> Tensor:
+def _errors(method, net, arrays, icp: RefineSettings, batch_size: int, intrinsics: Optional[Tensor] = None) -> Tensor:
     """``e(T)`` of a method on every pair of a split, ``(n,)``, without gradients."""
     if net is not None:
         net.eval()
@@ -294,7 +385,7 @@ def _errors(method, net, arrays, icp: RefineSettings, batch_size: int) -> Tensor
     with torch.no_grad():
         for index in _batches(arrays["index"].shape[0], batch_size, None):
             batch = _take(arrays, index)
-            T = predict(method, net, batch, icp)
+            T = predict(method, net, batch, icp, intrinsics=intrinsics)
             out.append(transform_error(T, batch["transform"], batch["source_points"]))
     return torch.cat(out)
 
@@ -325,23 +416,30 @@ def success_curves(initial: Tensor, errors: Tensor, bin_edges: Sequence[float], 
 
 def evaluate(data_root, networks: Dict[str, Optional[PoseCNN]], settings: EvalSettings = EvalSettings(),
              methods: Sequence[str] = METHODS) -> dict:
-    """Evaluate ``methods`` on the test split: ``{"curves": {METHOD: ...}, "summary": {METHOD: ...}}``.
+    """Evaluate ``methods`` (of :data:`METHODS` and :data:`VARIANT_METHODS`) on the test split:
+    ``{"curves": {METHOD: ...}, "summary": {METHOD: ...}}``.
 
     ``networks`` maps a training-run name (``"cnn"``, ``"cnn_icp"``) to its trained network.
+    A non-finite error (a diverged ICP) counts as a failure; the summary then gives their number.
     """
     torch.set_num_threads(1)
-    test = BodyPairs(data_root, "test", limit=settings.test_limit).arrays
+    pairs = BodyPairs(data_root, "test", limit=settings.test_limit)
+    test = pairs.arrays
     curves, summary = {}, {}
     for method in methods:
         net = networks.get(NETWORK_OF[method]) if NETWORK_OF.get(method) else None
-        if method not in METHODS or (NETWORK_OF[method] and net is None):
+        if method not in METHODS + VARIANT_METHODS or (NETWORK_OF[method] and net is None):
             raise ValueError(f"method {method!r} needs the trained network {NETWORK_OF.get(method)!r}; "
                              f"got networks {sorted(networks)}.")
         t0 = time.perf_counter()
-        errors = _errors(method, net, test, settings.icp, settings.batch_size)
+        errors = _errors(method, net, test, settings.icp, settings.batch_size, pairs.intrinsics)
         seconds = time.perf_counter() - t0
+        nonfinite = int((~torch.isfinite(errors)).sum())
+        errors = torch.nan_to_num(errors, nan=math.inf)  # fails every threshold; sorts last for the median
         curves[method] = success_curves(test["initial_distance"], errors, settings.bin_edges, settings.thresholds)
-        summary[method] = {"n": int(errors.numel()), "error_median_m": float(errors.median()),
+        median = float(errors.median())
+        summary[method] = {"n": int(errors.numel()), "error_median_m": median if math.isfinite(median) else None,
+                           **({"n_nonfinite": nonfinite} if nonfinite else {}),
                            **{f"success_{round(t * 100)}cm": float((errors < t).double().mean())
                               for t in settings.thresholds},
                            "seconds_per_pair": seconds / errors.numel()}
@@ -375,6 +473,26 @@ def _load_network(run_dir: Path) -> Tuple[PoseCNN, dict]:
     return net, state
 
 
+def _variant_record(data_root, schedule: RefineSettings) -> dict:
+    """What the results file says about each ICP variant: its methods, a description and its stages
+    as :meth:`diffcp.ICPSettings.to_dict` data."""
+    K = torch.tensor(load_manifest(data_root)["intrinsics"], dtype=torch.float32)
+    out = {}
+    for name, variant in VARIANTS.items():
+        how = ("hard nearest neighbours among the target points" if variant.correspondence == "nn" else
+               "projective association: the nearest pixel of the target depth map, target camera = the "
+               "dataset's intrinsics with the identity pose (the points' frame), normals from the depth map")
+        solver = "Procrustes" if variant.metric == "point_to_point" else "one Gauss-Newton step per iteration"
+        out[name] = {"methods": [name, "cnn_then_" + name], "correspondence": variant.correspondence,
+                     "metric": variant.metric,
+                     "description": f"{how}; {variant.metric.replace('_', '-')} metric, {solver}; "
+                                    f"{schedule.iterations} iterations, the last {schedule.reject_iterations} "
+                                    f"with hard rejection beyond {schedule.reject_distance} m; test time only",
+                     "stages": [{"iterations": n, "settings": st.to_dict()}
+                                for n, st in variant_stages(variant, schedule, K)]}
+    return out
+
+
 def _settings_from_args(args, method: str) -> TrainSettings:
     return TrainSettings(method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          clip_norm=args.clip_norm, seed=args.seed, train_limit=args.train_limit,
@@ -402,6 +520,9 @@ def _parse(argv):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--icp-variants", action="store_true",
+                   help="also evaluate the test-time ICP variants (hard NN point-to-point and point-to-plane, "
+                        "projective point-to-plane), from the identity and after the cnn network")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -421,14 +542,17 @@ def main(argv=None) -> int:
             if (runs / name / "checkpoint.pt").exists():
                 networks[name], state = _load_network(runs / name)
                 histories[name] = {"settings": state["settings"], "history": state["history"]}
-        methods = [m for m in METHODS if NETWORK_OF[m] is None or NETWORK_OF[m] in networks]
+        methods = [m for m in METHODS + (VARIANT_METHODS if args.icp_variants else ())
+                   if NETWORK_OF[m] is None or NETWORK_OF[m] in networks]
         ev = EvalSettings(icp=RefineSettings(args.test_icp_iterations, args.test_reject_iterations,
                                              args.reject_distance, args.temperature), test_limit=args.test_limit)
         result = evaluate(args.data, networks, ev, methods)
         icp_text = " ".join(refine.__doc__.split("\n\n")[1].split())
         settings = {"evaluation": {**dataclasses.asdict(ev), "icp_description": icp_text,
                                    "icp_stages": [{"iterations": n, "settings": st.to_dict()}
-                                                  for n, st in ev.icp.stages()]},
+                                                  for n, st in ev.icp.stages()],
+                                   **({"icp_variants": _variant_record(args.data, ev.icp)}
+                                      if args.icp_variants else {})},
                     "training": histories,
                     "error": "e(T) = sqrt(mean_i |T x_i - G x_i|^2) over the source points, metres",
                     "initial_distance": "e(I): RMS distance between corresponding points before registration",
