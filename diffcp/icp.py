@@ -242,12 +242,20 @@ class _ImplicitGradient(torch.autograd.Function):
         A = (eye - J).transpose(-1, -2)
         # (I - J)^T is singular along directions the data do not determine (a symmetric shape):
         # a slightly damped least-squares solve keeps the gradient finite there and exact elsewhere.
+        # A is first divided by its largest entry c (J can reach 1e20 on a degenerate float32 cloud,
+        # whose square A^T A would overflow): u = (A_c^T A_c + lam I)^-1 A_c^T g / c, A_c = A / c.
         # The damping is relative to the trace and never below the dtype's rounding (64 eps), or
-        # float32 would round it away next to an exactly rank-deficient matrix (a planar shape).
+        # float32 would round it away next to an exactly rank-deficient matrix (a planar shape); it
+        # is floored at sqrt(tiny), not at a multiple of tiny, which is subnormal (its reciprocal
+        # overflows: NaN where I - J = 0, e.g. when every soft match is the same blurred point).
+        tiny = torch.finfo(J.dtype).tiny
+        c = A.abs().amax((-2, -1)).clamp_min(tiny)[:, None, None]
+        A = A / c
         AtA = A.transpose(-1, -2) @ A
         rel = max(1e-12, 64 * torch.finfo(J.dtype).eps)
-        lam = rel * AtA.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
-        u = torch.linalg.solve(AtA + lam[:, None, None] * eye, (A.transpose(-1, -2) @ g[..., None]))[..., 0]
+        lam = rel * AtA.diagonal(dim1=-2, dim2=-1).sum(-1) + tiny ** 0.5
+        rhs = A.transpose(-1, -2) @ g[..., None]
+        u = torch.linalg.solve(AtA + lam[:, None, None] * eye, rhs)[..., 0] / c[..., 0]
         return u, None
 
 

@@ -113,10 +113,11 @@ def _finite(*grads):
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: implicit backward with soft correspondences and point-to-plane gives NaN gradients when the "
-    "temperature dwarfs the cloud (T / radius**2 above ~1e9: every soft match is the same blurred point); "
-    "unroll is finite (full run: 4 clouds, float32 and float64)"))
+# Was a bug (fixed): implicit backward with soft correspondences and point-to-plane gives NaN gradients when
+# the temperature dwarfs the cloud (T / radius**2 above ~1e9: every soft match is the same blurred point);
+# unroll is finite (full run: 4 clouds, float32 and float64)
+# Root cause: the implicit backward's damping was 1e-12 x trace floored at tiny, a subnormal
+# number when I - J = 0; its LU reciprocal overflowed (0 x inf). Fixed in icp._ImplicitGradient.backward.
 def test_implicit_point_to_plane_with_a_temperature_far_larger_than_the_cloud():
     cube = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)], dtype=torch.float64)
     s = cube.clone().requires_grad_()
@@ -127,10 +128,12 @@ def test_implicit_point_to_plane_with_a_temperature_far_larger_than_the_cloud():
     assert _finite(out.transform, *torch.autograd.grad(out.transform.sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 soft Procrustes gives NaN gradients (source, target, temperature) on a tiny cloud far "
-    "from the origin with a temperature far larger than the cloud (a 21-gon of radius 1e-6, 1000 radii away, "
-    "T = 2.6e-3); float64 is finite (full run: 12 clouds, unroll and truncated)"))
+# Was a bug (fixed): float32 soft Procrustes gives NaN gradients (source, target, temperature) on a tiny cloud
+# far from the origin with a temperature far larger than the cloud (a 21-gon of radius 1e-6, 1000 radii away,
+# T = 2.6e-3); float64 is finite (full run: 12 clouds, unroll and truncated)
+# Root cause: the polar factor's backward clamps 1 / (s_i + s_j) at gradient_eps x s_1, and s_1 was
+# rounding noise (2.5e-31): the gradient overflowed. Fixed in procrustes._prepare (M normalised by the
+# clouds' extent) and _PolarRotation.backward (floor at gradient_eps x max(s_1, sqrt(eps))).
 def test_float32_soft_procrustes_with_a_temperature_far_larger_than_the_cloud():
     a = 2 * math.pi * torch.arange(21, dtype=torch.float64) / 21
     x = torch.stack([a.cos(), a.sin(), 0 * a], 1) * 1e-6
@@ -163,10 +166,10 @@ def test_float32_levenberg_marquardt_symmetric_far_from_the_origin():
     assert _finite(out.transform, *torch.autograd.grad(out.transform.sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 hard-NN Procrustes on one repeated point on each side (a cloud of zero extent) gives a "
-    "NaN gradient for some directions of the incoming gradient (transform.sum() is finite, this w is not); "
-    "float64 is finite (full run: 1 cloud)"))
+# Was a bug (fixed): float32 hard-NN Procrustes on one repeated point on each side (a cloud of zero extent)
+# gives a  NaN gradient for some directions of the incoming gradient (transform.sum() is finite, this w is
+# not);  float64 is finite (full run: 1 cloud)
+# Root cause: as above, with s_1 = 3e-39 (subnormal). Same fix.
 def test_float32_procrustes_on_one_repeated_point_every_direction():
     s = torch.tensor([-1.6763175381129258e-06, -9.909470577440516e-09, -2.927124000962067e-07]).repeat(25, 1)
     s.requires_grad_(True)
@@ -179,11 +182,12 @@ def test_float32_procrustes_on_one_repeated_point_every_direction():
     assert _finite(out.transform, *torch.autograd.grad((out.transform * w).sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 soft Procrustes (default temperature) in implicit mode gives NaN gradients w.r.t. "
-    "source and target on identical clouds of a few points each repeated (radius 1e-6, 5 and 50 radii from "
-    "the origin); float64 and unroll are finite (full run: 1 cloud). Repro: python benchmarks/stress.py "
-    "--repro with the spec of this test"))
+# Was a bug (fixed): float32 soft Procrustes (default temperature) in implicit mode gives NaN gradients w.r.t.
+# source and target on identical clouds of a few points each repeated (radius 1e-6, 5 and 50 radii from  the
+# origin); float64 and unroll are finite (full run: 1 cloud). Repro: python benchmarks/stress.py  --repro with
+# the spec of this test
+# Root cause: J reached 1e20 and the implicit backward squared it (J^T J overflows float32). Fixed in
+# icp._ImplicitGradient.backward (the matrix is divided by its largest entry before the solve).
 def test_float32_soft_implicit_on_repeated_points():
     config = {"dtype": "float32", "correspondence": "soft_default", "solver": "procrustes", "metric": "point_to_point",
               "backward": "implicit"}
