@@ -398,3 +398,34 @@ def test_default_gradient_eps_lets_a_fit_leave_a_degenerate_start():
     median_default, _ = bench.fit_from_degenerate(default, n=16, steps=600)
     median_tiny, _ = bench.fit_from_degenerate(1e-8, n=16, steps=600)
     assert median_default < 0.1 < 1.0 < median_tiny
+
+
+# ---------------------------------------------------------------------------------------------
+# scale: the cross-covariance is normalised by the clouds' extent (no underflow, no overflow)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12])
+def test_float32_gradient_at_any_scale_matches_float64(scale):
+    src = torch.randn(30, 3, generator=_gen(5), dtype=F64)
+    R0, t0 = _pose(1, 6)
+    dst = _apply(R0[0], t0[0] * 0, src) + 0.01 * torch.randn(30, 3, generator=_gen(7), dtype=F64)
+    grads = []
+    for dtype in (torch.float32, F64):
+        s = (src * scale).to(dtype).requires_grad_(True)
+        R, _ = procrustes(s, (dst * scale).to(dtype))
+        assert torch.allclose(R.double(), procrustes(src, dst).rotation, atol=1e-5)
+        grads.append(torch.autograd.grad(R[0, 1] + R[2, 0], s)[0].double() * scale)
+    assert torch.isfinite(grads[0]).all()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-3 * grads[1].abs().max())
+
+
+@pytest.mark.parametrize("collapsed", [0.0, 1e-30, 1e-13])
+def test_gradient_finite_when_one_cloud_collapses_onto_a_point(collapsed):
+    # every match the same point up to rounding (a soft match far colder than the cloud): the
+    # rotation is ambiguous, its gradient bounded (not 1 / s_1 of rounding noise)
+    for dtype in (torch.float32, F64):
+        src = torch.randn(21, 3, generator=_gen(8), dtype=dtype).mul(1e-6).requires_grad_(True)
+        dst = (1e-3 + collapsed * torch.randn(21, 3, generator=_gen(9), dtype=F64)).to(dtype).requires_grad_(True)
+        R, t = procrustes(src, dst)
+        g = torch.autograd.grad((R * torch.randn(3, 3, generator=_gen(10), dtype=dtype)).sum() + t.sum(), (src, dst))
+        assert all(torch.isfinite(x).all() for x in g), (dtype, collapsed)
