@@ -370,3 +370,18 @@ def test_levenberg_marquardt_damping_is_invariant_under_rotations_of_the_frame()
     # Marquardt's diag(A) does not commute with P
     Dm = torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1))
     assert not torch.allclose(P @ Dm @ P.transpose(1, 2), Dm)
+
+
+
+def test_trust_region_of_the_correspondences():
+    from diffcp.minimize.levenberg_marquardt import TrustRegion
+    y0 = torch.zeros(2, 4, 3, dtype=D)
+    q = y0.clone()
+    q[..., 0] = 1.0  # every match 1 away: the region has radius 2 (RMS)
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=D)
+    region = TrustRegion(y0, q, w)
+    moved = y0.clone()
+    moved[0, :3, 1] = 1.99  # inside
+    moved[0, 3] = float("nan")  # a weightless row is ignored
+    moved[1, :, 2] = 2.01  # outside
+    assert region.contains(moved).tolist() == [True, False]
