@@ -493,3 +493,14 @@ def test_umeyama_gradcheck_and_degenerate_scale():
     out = umeyama(one, torch.randn(1, 5, 3, generator=_gen(20), dtype=F64))
     assert float(out.scale) == 1.0
     assert torch.isfinite(torch.autograd.grad(out.translation.sum() + out.scale.sum(), one)[0]).all()
+
+
+def test_zero_weight_cloud_far_from_the_origin_next_to_others_is_finite():
+    # the normalisation of a weightless cloud must not divide its coordinates by a tiny extent
+    src = torch.randn(2, 10, 3, generator=_gen(21), dtype=F64) + 14.0
+    w = torch.ones(2, 10, dtype=F64)
+    w[1] = 0.0
+    R, t = procrustes(src.requires_grad_(True), src.detach() + 1.0, weights=w)
+    assert torch.isfinite(R).all() and torch.isfinite(t).all()
+    assert torch.allclose(R[1], torch.eye(3, dtype=F64))
+    assert torch.isfinite(torch.autograd.grad(R.sum() + t.sum(), src)[0]).all()

@@ -184,7 +184,8 @@ def _prepare(source, target, weights, lengths) -> _Moments:
     with torch.no_grad():
         used = (w_n * has_weight[:, None] > 0)[..., None]
         extent = torch.where(used, torch.maximum(a.abs(), b.abs()), torch.zeros((), dtype=a.dtype, device=a.device))
-        r = extent.amax((1, 2)).clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
+        r = extent.amax((1, 2))
+        r = torch.where(r > 0, r, torch.ones_like(r))[:, None, None]  # no weight, or one point: M = 0 anyway
     a, b = a / r, b / r
     wa = (w_n * has_weight[:, None])[..., None]
     M = (b * wa).transpose(-1, -2) @ a
