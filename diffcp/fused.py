@@ -97,10 +97,30 @@ def _twist_norms(new, old, out):
 
 
 @_njit()
+def _scale_blocks(A, g, sc):
+    """In place, as :func:`diffcp.minimize.gauss_newton.twist_solve`: ``A <- S A S``, ``g <- S g``,
+    ``sc <- diag(S)``, ``S`` one over the square root of the translation block's mean diagonal, and
+    of the rotation block's where that is larger."""
+    m_rot = (A[0, 0] + A[1, 1] + A[2, 2]) / 3.0
+    m_trans = (A[3, 3] + A[4, 4] + A[5, 5]) / 3.0
+    if not m_trans > 0:
+        m_trans = 1.0
+    if not m_rot > m_trans:
+        m_rot = m_trans
+    for i in range(6):
+        sc[i] = 1.0 / math.sqrt(m_rot if i < 3 else m_trans)
+    for i in range(6):
+        g[i] *= sc[i]
+        for k in range(6):
+            A[i, k] *= sc[i] * sc[k]
+
+
+@_njit()
 def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new):
     """One damped Gauss-Newton step from the sums ``partial (B, chunks, 32)`` of the plane pass,
-    for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = d |trace A| / 6 +
-    floor``, ``d = damping``, or ``weak_damping`` where the damped matrix is (near) singular (as
+    for the active clouds: ``xi = -S (S A S + lambda I)^{-1} S g`` with ``S`` the block scaling of
+    :func:`diffcp.minimize.gauss_newton.twist_solve`, ``lambda = d |trace S A S| / 6 + floor``,
+    ``d = damping``, or ``weak_damping`` where the damped matrix is (near) singular (as
     :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
     exp(omega) R``, ``t <- exp(omega) t + v``."""
     B = partial.shape[0]
@@ -108,6 +128,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
     A = np.empty((6, 6))
     g = np.empty(6)
     K = np.empty((3, 3))
+    sc = np.empty(6)
     for b in range(B):
         if not active[b]:
             continue
@@ -120,6 +141,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
                 A[k, i] = m[v]
                 v += 1
             g[i] = m[22 + i]
+        _scale_blocks(A, g, sc)
         trace = abs(A[0, 0] + A[1, 1] + A[2, 2] + A[3, 3] + A[4, 4] + A[5, 5])
         lam = damping * trace / 6.0 + floor
         for i in range(6):
@@ -129,7 +151,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
             if not ev[0] > weak_damping * ev[5]:
                 for i in range(6):
                     A[i, i] += (weak_damping - damping) * trace / 6.0
-        xi = -np.linalg.solve(A, g)
+        xi = -np.linalg.solve(A, g) * sc
         # Rodrigues, with the series of diffcp.geometry.so3_exp near zero
         w0, w1, w2 = xi[0], xi[1], xi[2]
         theta2 = w0 * w0 + w1 * w1 + w2 * w2

@@ -385,3 +385,19 @@ def test_trust_region_of_the_correspondences():
     moved[0, 3] = float("nan")  # a weightless row is ignored
     moved[1, :, 2] = 2.01  # outside
     assert region.contains(moved).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_float32_step_far_from_the_origin_equals_float64(metric):
+    """The rotation block of J^T W J is a squared length times the translation block: a cloud of
+    radius 100 at 4e3 from the frame's origin makes it 1e7 times larger. The damping is relative to
+    each block (twist_solve), so float32 takes the float64 step; a damping relative to the whole
+    trace, raised to 64 eps in float32, shrank the translation 50-fold (ICP crawled from far
+    starts). (Much farther, 1.8e4 away, the rotation about the far origin and the translation are
+    too alike for float32 to tell apart at all.)"""
+    s, ns, q, nq, _ = _problem(B=2, N=40, seed=31)
+    far = torch.tensor([3e3, -3e3, 1e3], dtype=D)
+    y, q = 100 * s + far, 100 * s + far + torch.tensor([30.0, -10.0, 20.0], dtype=D)
+    w = torch.ones(2, 40, dtype=D)
+    steps = [gauss_newton_step(metric, *(x.to(dt) for x in (y, q, w, nq, ns))).double() for dt in (torch.float32, D)]
+    torch.testing.assert_close(steps[0][:, 3:], steps[1][:, 3:], rtol=2e-2, atol=0.0)

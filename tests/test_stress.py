@@ -149,12 +149,13 @@ def test_float32_soft_procrustes_with_a_temperature_far_larger_than_the_cloud():
 
 @pytest.mark.xfail(strict=True, reason=(
     "diffcp limitation: float32 Levenberg-Marquardt with the symmetric metric gives NaN gradients on a symmetric "
-    "cloud (13 points on a sphere of radius 100) whose target lies 1.8e4 away. Root cause: not one operation but "
-    "the size of the exact gradient: ICP wanders on the ambiguous sphere for all 30 iterations (accepted LM "
-    "steps of radians) and every iteration multiplies the unrolled gradient by ~10, so in float64 it is 2e33 "
-    "(intermediates 6e37), beyond float32's range (3.4e38), where inf x 0 gives NaN. Fixing it needs a bounded "
-    "(hence inexact) unrolled gradient, or truncated/implicit backward, which are finite here. Repro: this test; "
-    "float64 finite (2e33); full run: 26 clouds, hard and soft correspondences"))
+    "cloud (13 points on a sphere of radius 100) whose target lies 1.8e4 away. Most of the full run's 26 such "
+    "clouds were float32 ICP crawling from far starts (the damping was relative to the whole trace of J^T W J, "
+    "fixed by minimize.gauss_newton.twist_solve; the stress run of record now meets none). This one is the size "
+    "of the exact gradient: ICP wanders on the ambiguous sphere for all 30 iterations and every iteration "
+    "multiplies the unrolled gradient, so in float64 it is 3e32 (Gauss-Newton: 3e41), beyond float32's range, "
+    "where inf x 0 gives NaN. A finite float32 gradient here needs a bounded (inexact) unrolled gradient, or "
+    "the truncated / implicit backward, which are finite. Repro: this test"))
 def test_float32_levenberg_marquardt_symmetric_far_from_the_origin():
     g = torch.Generator().manual_seed(30)
     u = torch.randn(13, 3, generator=g, dtype=torch.float64)

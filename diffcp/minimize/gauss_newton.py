@@ -10,7 +10,40 @@ from torch import Tensor
 from .linear_solve import damped_solve
 from .residuals import _check_weights, residuals_and_jacobian
 
-__all__ = ["normal_equations", "gauss_newton_step"]
+__all__ = ["normal_equations", "gauss_newton_step", "twist_solve"]
+
+
+def _block_scales(A: Tensor) -> Tensor:
+    """``(B, 6)``: ``1 / sqrt(m)`` per twist entry, with ``m_trans`` the mean diagonal of the
+    translation block of ``A`` and ``m_rot`` the larger of the rotation block's and ``m_trans``
+    (1 where the cloud has no weight)."""
+    d = torch.diagonal(A, dim1=-2, dim2=-1)
+    m_trans = d[..., 3:].mean(-1)
+    m_trans = torch.where(m_trans > 0, m_trans, torch.ones_like(m_trans))
+    m_rot = torch.maximum(d[..., :3].mean(-1), m_trans)
+    return torch.stack([m_rot, m_trans], -1).rsqrt().repeat_interleave(3, dim=-1)
+
+
+def twist_solve(A: Tensor, b: Tensor, damping: float = 1e-9) -> Tensor:
+    """Solve a twist system ``A x = b`` (``A (B, 6, 6)``, ``b (B, 6)``) by :func:`damped_solve`
+    after scaling its rotation block down to the translation block's mean diagonal.
+
+    ``x = S damped_solve(S A S, S b)`` with ``S = diag(m_rot^-1/2 I_3, m_trans^-1/2 I_3)``,
+    ``m_trans`` the translation block's mean diagonal and ``m_rot`` the rotation block's, or
+    ``m_trans`` where that is larger. A rotation entry of ``A`` is a squared length times a
+    translation entry: for large clouds, or far from the frame's origin (the target's centroid,
+    e.g. at the start of a registration 100 radii away), the rotation block exceeds the translation
+    block by 1e7 and more, and a damping relative to the whole trace (raised to ``64 eps`` when the
+    unscaled pivots look singular, which in float32 they then do) shrank the translation step
+    50-fold: float32 ICP crawled where float64 converged, and its unrolled gradient grew without
+    bound. A rotation block smaller than the translation block is left as it is: it is small for a
+    cloud of (almost) no extent too, whose rotation is rounding noise and stays damped relative to
+    the translation block (scaling it up would make its step, and gradient, arbitrary). The block
+    means are invariant under rotations of the frame (see
+    :func:`diffcp.minimize.levenberg_marquardt.block_damping`), so the step stays rigid-equivariant.
+    """
+    s = _block_scales(A)
+    return damped_solve(A * s[..., :, None] * s[..., None, :], b * s, damping) * s
 
 
 def normal_equations(
@@ -55,8 +88,8 @@ def gauss_newton_step(
 ) -> Tensor:
     """The twist minimising the linearised cost ``sum_i w_i |r_i + J_i xi|^2``.
 
-    ``xi = -(J^T W J + lambda I)^{-1} J^T W r`` solved by :func:`damped_solve` (relative damping
-    ``damping``); apply it with ``geometry.apply_twist(T, xi)`` (left twist: ``y -> exp(omega) y +
+    ``xi = -(J^T W J + lambda D)^{-1} J^T W r`` solved by :func:`twist_solve` (relative damping
+    ``damping`` of the blocks' mean diagonals ``D``); apply it with ``geometry.apply_twist(T, xi)`` (left twist: ``y -> exp(omega) y +
     v``). Differentiable w.r.t. every tensor argument.
 
     Args:
@@ -78,4 +111,4 @@ def gauss_newton_step(
         True
     """
     A, g, _ = normal_equations(metric, y, q, weights, target_normals, source_normals)
-    return -damped_solve(A, g, damping)
+    return -twist_solve(A, g, damping)

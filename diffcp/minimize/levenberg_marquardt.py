@@ -9,8 +9,7 @@ from torch import Tensor
 
 from ..checks import check_option, check_positive, check_transform
 from ..geometry import apply_twist, rotate_vectors, split_transform, transform_points
-from .gauss_newton import normal_equations
-from .linear_solve import damped_solve
+from .gauss_newton import normal_equations, twist_solve
 from .residuals import METRICS, _check_cloud, _check_weights, residuals, weighted_cost
 
 __all__ = ["LMResult", "levenberg_marquardt", "block_damping", "significant_decrease", "TrustRegion"]
@@ -107,7 +106,7 @@ def levenberg_marquardt(
     """Refine ``transform`` by ``iterations`` Levenberg-Marquardt steps with fixed correspondences.
 
     Each step builds the Gauss-Newton system ``A = J^T W J``, ``g = J^T W r`` at the current pose,
-    solves ``(A + lambda D) xi = -g`` with :func:`damped_solve`, ``D`` the rotation-invariant
+    solves ``(A + lambda D) xi = -g`` with :func:`~diffcp.minimize.gauss_newton.twist_solve`, ``D`` the rotation-invariant
     block damping of :func:`block_damping`, and evaluates the weighted cost
     (:func:`weighted_cost`) at ``apply_twist(T, xi)``. Per batch element the candidate is accepted
     where the cost decreases by more than its rounding (:func:`significant_decrease`) and the points
@@ -178,7 +177,7 @@ def levenberg_marquardt(
     region = TrustRegion(y, q, weights)
     for _ in range(iterations):
         A, g, _ = normal_equations(metric, y, q, weights, target_normals, ny)
-        xi = -damped_solve(A + lam[:, None, None] * block_damping(A), g)
+        xi = -twist_solve(A + lam[:, None, None] * block_damping(A), g)
         T_new = apply_twist(T, xi)
         y_new, ny_new = pose(T_new)
         cost_new = weighted_cost(residuals(metric, y_new, q, target_normals, ny_new), weights)
