@@ -91,6 +91,29 @@ class LMResult(NamedTuple):
     damping: Tensor  # (B,) the damping lambda after the last iteration
 
 
+def _check_arguments(metric, transform, source, q, weights, source_normals, iterations, initial_damping,
+                     factor) -> Tensor:
+    """Validate the arguments of :func:`levenberg_marquardt`; return ``transform`` batched."""
+    check_option("metric", metric, METRICS)
+    _check_cloud("source", source)
+    _check_cloud("q", q, source, "source")
+    _check_weights(weights, source)
+    transform = check_transform("transform", transform, source.shape[0])
+    if transform.dtype != source.dtype:
+        raise TypeError(f"transform must have the dtype of source ({source.dtype}); got {transform.dtype}.")
+    if metric == "symmetric" and source_normals is None:
+        raise ValueError("source_normals are required for metric 'symmetric'; got None.")
+    if source_normals is not None:
+        _check_cloud("source_normals", source_normals, source, "source")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer; got {iterations!r}.")
+    check_positive("initial_damping", initial_damping)
+    check_positive("factor", factor)
+    if float(factor) <= 1.0:
+        raise ValueError(f"factor must be greater than 1; got {factor!r}.")
+    return transform
+
+
 def levenberg_marquardt(
     metric: str,
     transform: Tensor,
@@ -146,23 +169,8 @@ def levenberg_marquardt(
         >>> torch.allclose(out.transform, T, atol=1e-8)
         True
     """
-    check_option("metric", metric, METRICS)
-    _check_cloud("source", source)
-    _check_cloud("q", q, source, "source")
-    _check_weights(weights, source)
-    transform = check_transform("transform", transform, source.shape[0])
-    if transform.dtype != source.dtype:
-        raise TypeError(f"transform must have the dtype of source ({source.dtype}); got {transform.dtype}.")
-    if metric == "symmetric" and source_normals is None:
-        raise ValueError("source_normals are required for metric 'symmetric'; got None.")
-    if source_normals is not None:
-        _check_cloud("source_normals", source_normals, source, "source")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer; got {iterations!r}.")
-    check_positive("initial_damping", initial_damping)
-    check_positive("factor", factor)
-    if float(factor) <= 1.0:
-        raise ValueError(f"factor must be greater than 1; got {factor!r}.")
+    transform = _check_arguments(metric, transform, source, q, weights, source_normals, iterations,
+                                 initial_damping, factor)
     ns = source_normals if metric == "symmetric" else None
 
     def pose(T):
