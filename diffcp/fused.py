@@ -99,16 +99,13 @@ def _twist_norms(new, old, out):
 @_njit()
 def _scale_blocks(A, g, sc):
     """In place, as :func:`diffcp.minimize.gauss_newton.twist_solve`: ``A <- S A S``, ``g <- S g``,
-    ``sc <- diag(S)``, ``S`` one over the square root of the translation block's mean diagonal, and
-    of the rotation block's where that is larger."""
+    ``sc <- diag(S)``, ``S = diag(sqrt(m_trans / m_rot) I_3, I_3)`` where the rotation block's mean
+    diagonal ``m_rot`` exceeds the translation block's ``m_trans``, else the identity."""
     m_rot = (A[0, 0] + A[1, 1] + A[2, 2]) / 3.0
     m_trans = (A[3, 3] + A[4, 4] + A[5, 5]) / 3.0
-    if not m_trans > 0:
-        m_trans = 1.0
-    if not m_rot > m_trans:
-        m_rot = m_trans
+    s_rot = math.sqrt(m_trans / m_rot) if (m_rot > m_trans and m_trans > 0) else 1.0
     for i in range(6):
-        sc[i] = 1.0 / math.sqrt(m_rot if i < 3 else m_trans)
+        sc[i] = s_rot if i < 3 else 1.0
     for i in range(6):
         g[i] *= sc[i]
         for k in range(6):

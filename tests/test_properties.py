@@ -345,7 +345,7 @@ def test_batch_equals_loop(corr, solver, metric, case, dtype):
     _check_batch_equals_loop((corr, solver, metric), case, dtype)
 
 
-# LM_ROUNDING was fixed by the accept test with a rounding tolerance (levenberg_marquardt.significant_decrease)
+# LM_ROUNDING was fixed by the accept test on float64 costs with a tie band (levenberg_marquardt.not_worse)
 def test_batch_equals_loop_levenberg_marquardt_float32():
     _check_batch_equals_loop(("soft_explicit", "levenberg_marquardt", "point_to_plane"),
                              make_case(3, 47, 34, 2443, 0.0, 0.11660547111247924), F32)

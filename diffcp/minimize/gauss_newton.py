@@ -14,24 +14,24 @@ __all__ = ["normal_equations", "gauss_newton_step", "twist_solve"]
 
 
 def _block_scales(A: Tensor) -> Tensor:
-    """``(B, 6)``: ``1 / sqrt(m)`` per twist entry, with ``m_trans`` the mean diagonal of the
-    translation block of ``A`` and ``m_rot`` the larger of the rotation block's and ``m_trans``
-    (1 where the cloud has no weight)."""
+    """``(B, 6)``: ``sqrt(m_trans / m_rot)`` for the rotation entries where the rotation block's mean
+    diagonal ``m_rot`` exceeds the translation block's ``m_trans``, 1 elsewhere."""
     d = torch.diagonal(A, dim1=-2, dim2=-1)
-    m_trans = d[..., 3:].mean(-1)
-    m_trans = torch.where(m_trans > 0, m_trans, torch.ones_like(m_trans))
-    m_rot = torch.maximum(d[..., :3].mean(-1), m_trans)
-    return torch.stack([m_rot, m_trans], -1).rsqrt().repeat_interleave(3, dim=-1)
+    m_rot, m_trans = d[..., :3].mean(-1), d[..., 3:].mean(-1)
+    big = (m_rot > m_trans) & (m_trans > 0)
+    ratio = torch.where(big, m_trans / torch.where(big, m_rot, torch.ones_like(m_rot)), torch.ones_like(m_rot))
+    s_rot = ratio.sqrt()  # 1 (not sqrt(0), whose gradient is infinite) where the block is not scaled
+    return torch.cat([s_rot[..., None].expand(*s_rot.shape, 3), torch.ones_like(d[..., 3:])], -1)
 
 
 def twist_solve(A: Tensor, b: Tensor, damping: float = 1e-9) -> Tensor:
     """Solve a twist system ``A x = b`` (``A (B, 6, 6)``, ``b (B, 6)``) by :func:`damped_solve`
     after scaling its rotation block down to the translation block's mean diagonal.
 
-    ``x = S damped_solve(S A S, S b)`` with ``S = diag(m_rot^-1/2 I_3, m_trans^-1/2 I_3)``,
-    ``m_trans`` the translation block's mean diagonal and ``m_rot`` the rotation block's, or
-    ``m_trans`` where that is larger. A rotation entry of ``A`` is a squared length times a
-    translation entry: for large clouds, or far from the frame's origin (the target's centroid,
+    ``x = S damped_solve(S A S, S b)`` with ``S = diag(sqrt(m_trans / m_rot) I_3, I_3)``, ``m_rot``
+    and ``m_trans`` the mean diagonals of the rotation and translation blocks, where ``m_rot >
+    m_trans`` (else ``S = I``, and the solve is :func:`damped_solve`'s, bit for bit). A rotation
+    entry of ``A`` is a squared length times a translation entry: for large clouds, or far from the frame's origin (the target's centroid,
     e.g. at the start of a registration 100 radii away), the rotation block exceeds the translation
     block by 1e7 and more, and a damping relative to the whole trace (raised to ``64 eps`` when the
     unscaled pivots look singular, which in float32 they then do) shrank the translation step

@@ -12,7 +12,8 @@ from ..geometry import apply_twist, rotate_vectors, split_transform, transform_p
 from .gauss_newton import normal_equations, twist_solve
 from .residuals import METRICS, _check_cloud, _check_weights, residuals, weighted_cost
 
-__all__ = ["LMResult", "levenberg_marquardt", "block_damping", "significant_decrease", "TrustRegion"]
+__all__ = ["LMResult", "levenberg_marquardt", "block_damping", "not_worse", "decision_cost",
+           "TrustRegion"]
 
 
 def block_damping(A: Tensor) -> Tensor:
@@ -33,22 +34,36 @@ def block_damping(A: Tensor) -> Tensor:
     return torch.diag_embed(m)
 
 
-def significant_decrease(cost: Tensor, cost_new: Tensor) -> Tensor:
-    """``(B,)`` bool: where ``cost_new`` is below ``cost`` by more than ``8 eps cost``.
+def not_worse(cost: Tensor, cost_new: Tensor, eps: Optional[float] = None) -> Tensor:
+    """``(B,)`` bool: where ``cost_new`` is not above ``cost`` by more than ``8 eps cost`` (a tie
+    counts as no increase).
 
-    The two costs are sums over the same points at nearby poses; their rounding differs by a few
-    ``eps cost`` (the sums of a batch and of one cloud are grouped differently, and so are their
-    6x6 solves). A gain below ``8 eps cost`` is a tie and the step is rejected (the damping grows),
-    so the decision never rests on rounding: a batch and a loop over its clouds take the same steps,
-    and a step along a direction the cost does not see (sliding along a plane) is never taken for a
-    gain. Any step whose gain the dtype can resolve is still accepted (in float64 the quadratic
-    convergence reaches a gradient of 1e-8 and below).
+    :func:`levenberg_marquardt` passes costs evaluated in float64 from the points of each pose
+    (:func:`decision_cost`) and ``eps`` of the points' dtype. A rule that accepts only a decrease
+    (``cost_new < cost``) decides steps near convergence, whose gain is below the cost's rounding,
+    on that rounding: in float32 a batch and a loop over its clouds (whose sums and 6x6 solves
+    round differently) took different steps, and the sensitive loop made 1e-3 of it. Near
+    convergence the Gauss-Newton step changes the cost by less than the points' dtype resolves, so
+    it is accepted whatever the rounding says, and the two runs take the same steps; a step that
+    increases the cost by more than ``8 eps cost`` is rejected (the damping grows). (The steps a
+    tie lets through cannot slide far: the :class:`TrustRegion` of the correspondences bounds them.)
 
     Args:
         cost, cost_new: ``(B,)`` weighted mean squared residuals before and after the step.
+        eps: the rounding unit the tie is measured in; None takes the costs' dtype's.
     """
+    eps = torch.finfo(cost.dtype).eps if eps is None else float(eps)
     with torch.no_grad():
-        return cost_new < cost - 8 * torch.finfo(cost.dtype).eps * cost.abs()
+        return cost_new <= cost + 8 * eps * cost.abs()
+
+
+def decision_cost(metric: str, y: Tensor, q: Tensor, weights: Tensor, target_normals: Optional[Tensor],
+                  source_normals: Optional[Tensor]) -> Tensor:
+    """``(B,)`` float64 weighted cost of the points ``y (B, N, 3)`` (any dtype) against their matches,
+    for the accept test of :func:`levenberg_marquardt` (no gradient): see :func:`not_worse`."""
+    with torch.no_grad():
+        f64 = [None if x is None else x.detach().double() for x in (y, q, target_normals, source_normals)]
+        return weighted_cost(residuals(metric, f64[0], f64[1], f64[2], f64[3]), weights.detach().double())
 
 
 class TrustRegion:
@@ -132,7 +147,7 @@ def levenberg_marquardt(
     solves ``(A + lambda D) xi = -g`` with :func:`~diffcp.minimize.gauss_newton.twist_solve`, ``D`` the rotation-invariant
     block damping of :func:`block_damping`, and evaluates the weighted cost
     (:func:`weighted_cost`) at ``apply_twist(T, xi)``. Per batch element the candidate is accepted
-    where the cost decreases by more than its rounding (:func:`significant_decrease`) and the points
+    where the cost does not increase beyond its rounding (:func:`not_worse`) and the points
     stay within the :class:`TrustRegion` of the correspondences (``torch.where``: no Python branch
     on tensor values, no host synchronisation), and ``lambda`` is
     divided by ``factor`` on accept, multiplied on reject. Differentiable w.r.t. every tensor input
@@ -182,6 +197,8 @@ def levenberg_marquardt(
     lam = torch.full(source.shape[:1], float(initial_damping), dtype=source.dtype, device=source.device)
     y, ny = pose(T)
     cost = weighted_cost(residuals(metric, y, q, target_normals, ny), weights)
+    decided = decision_cost(metric, y, q, weights, target_normals, ny)
+    eps = torch.finfo(source.dtype).eps
     region = TrustRegion(y, q, weights)
     for _ in range(iterations):
         A, g, _ = normal_equations(metric, y, q, weights, target_normals, ny)
@@ -189,7 +206,9 @@ def levenberg_marquardt(
         T_new = apply_twist(T, xi)
         y_new, ny_new = pose(T_new)
         cost_new = weighted_cost(residuals(metric, y_new, q, target_normals, ny_new), weights)
-        accept = significant_decrease(cost, cost_new) & region.contains(y_new)
+        decided_new = decision_cost(metric, y_new, q, weights, target_normals, ny_new)
+        accept = not_worse(decided, decided_new, eps) & region.contains(y_new)
+        decided = torch.where(accept, decided_new, decided)
         T = torch.where(accept[:, None, None], T_new, T)
         y = torch.where(accept[:, None, None], y_new, y)
         if ny is not None:
