@@ -9,8 +9,9 @@ of failure, so that a known failure (marked ``xfail(strict=True)`` with its repr
 hide the others. A failing cloud is re-run alone with
 ``python benchmarks/stress.py --repro '<{"config": ..., "spec": ...} from the message>'``.
 
-The last tests reduce the failures of the full run (50,000+ registrations) that the slice does not
-meet to a few lines each; they are marked ``xfail(strict=True)`` until diffcp is fixed.
+The last tests reduce the failures that full runs (50,000+ registrations) met and the slice does not
+to a few lines each: regression tests for the fixed ones (each names its root cause), and
+``xfail(strict=True)`` with a reproduction for a known limitation (the run of record meets none).
 """
 
 import importlib.util
