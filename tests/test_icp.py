@@ -656,3 +656,18 @@ def test_icp_with_scale_recovers_a_similarity_and_rigid_icp_reports_scale_one():
                      stopping=diffcp.Stopping(max_iterations=5))
     (gx,) = torch.autograd.grad(out.transform.sum() + out.scale.sum(), xs)
     assert torch.isfinite(gx).all()
+
+
+def test_procrustes_scale_false_is_the_rigid_solver_and_the_layer_carries_the_scale():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 80, 3, generator=g, dtype=torch.float64)
+    T = diffcp.random_transform(2, max_angle=0.3, max_translation=0.1, generator=g, dtype=torch.float64)
+    y = diffcp.transform_points(T, x) + 0.01 * torch.randn(2, 80, 3, generator=g, dtype=torch.float64)
+    default = diffcp.icp(x, y)
+    explicit = diffcp.icp(x, y, solver=diffcp.ProcrustesSolver(scale=False))
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+    layer = diffcp.ICP(solver=diffcp.ProcrustesSolver(scale=True), stopping=diffcp.Stopping(max_iterations=20))
+    out = layer(x, 1.2 * diffcp.transform_points(T, x))
+    assert out.scale.shape == (2,) and torch.allclose(out.scale, torch.full((2,), 1.2, dtype=torch.float64), atol=1e-9)
+    assert diffcp.ICP.from_dict(layer.settings.to_dict()).settings == layer.settings
