@@ -47,7 +47,7 @@ from .layer import ICP
 from .minimize.gauss_newton import gauss_newton_step
 from .minimize.levenberg_marquardt import LMResult, levenberg_marquardt
 from .minimize.linear_solve import damped_solve
-from .minimize.procrustes import Procrustes, procrustes
+from .minimize.procrustes import Procrustes, Similarity, procrustes, umeyama
 from .minimize.residuals import residuals, residuals_and_jacobian, weighted_cost
 from .normals import estimate_normals
 from .render import DepthRender, look_at, render_depth
@@ -93,7 +93,7 @@ __all__ = [
     # step 3 and 4
     "distance_weights", "normal_weights", "robust_weights", "reject_by_distance", "reject_by_normal_angle",
     # step 5
-    "procrustes", "Procrustes", "residuals", "residuals_and_jacobian", "weighted_cost", "damped_solve",
+    "procrustes", "Procrustes", "umeyama", "Similarity", "residuals", "residuals_and_jacobian", "weighted_cost", "damped_solve",
     "gauss_newton_step", "levenberg_marquardt", "LMResult",
     # geometry and cameras
     "so3_exp", "so3_log", "make_transform", "split_transform", "invert_transform", "transform_points",

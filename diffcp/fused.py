@@ -97,10 +97,27 @@ def _twist_norms(new, old, out):
 
 
 @_njit()
+def _scale_blocks(A, g, sc):
+    """In place, as :func:`diffcp.minimize.gauss_newton.twist_solve`: ``A <- S A S``, ``g <- S g``,
+    ``sc <- diag(S)``, ``S = diag(sqrt(m_trans / m_rot) I_3, I_3)`` where the rotation block's mean
+    diagonal ``m_rot`` exceeds the translation block's ``m_trans``, else the identity."""
+    m_rot = (A[0, 0] + A[1, 1] + A[2, 2]) / 3.0
+    m_trans = (A[3, 3] + A[4, 4] + A[5, 5]) / 3.0
+    s_rot = math.sqrt(m_trans / m_rot) if (m_rot > m_trans and m_trans > 0) else 1.0
+    for i in range(6):
+        sc[i] = s_rot if i < 3 else 1.0
+    for i in range(6):
+        g[i] *= sc[i]
+        for k in range(6):
+            A[i, k] *= sc[i] * sc[k]
+
+
+@_njit()
 def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new):
     """One damped Gauss-Newton step from the sums ``partial (B, chunks, 32)`` of the plane pass,
-    for the active clouds: ``xi = -(A + lambda I)^{-1} g`` with ``lambda = d |trace A| / 6 +
-    floor``, ``d = damping``, or ``weak_damping`` where the damped matrix is (near) singular (as
+    for the active clouds: ``xi = -S (S A S + lambda I)^{-1} S g`` with ``S`` the block scaling of
+    :func:`diffcp.minimize.gauss_newton.twist_solve`, ``lambda = d |trace S A S| / 6 + floor``,
+    ``d = damping``, or ``weak_damping`` where the damped matrix is (near) singular (as
     :func:`diffcp.minimize.damped_solve`), then ``new = apply_twist(old, xi)``: ``R <-
     exp(omega) R``, ``t <- exp(omega) t + v``."""
     B = partial.shape[0]
@@ -108,6 +125,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
     A = np.empty((6, 6))
     g = np.empty(6)
     K = np.empty((3, 3))
+    sc = np.empty(6)
     for b in range(B):
         if not active[b]:
             continue
@@ -120,6 +138,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
                 A[k, i] = m[v]
                 v += 1
             g[i] = m[22 + i]
+        _scale_blocks(A, g, sc)
         trace = abs(A[0, 0] + A[1, 1] + A[2, 2] + A[3, 3] + A[4, 4] + A[5, 5])
         lam = damping * trace / 6.0 + floor
         for i in range(6):
@@ -129,7 +148,7 @@ def _gauss_newton_update(partial, active, damping, weak_damping, floor, old, new
             if not ev[0] > weak_damping * ev[5]:
                 for i in range(6):
                     A[i, i] += (weak_damping - damping) * trace / 6.0
-        xi = -np.linalg.solve(A, g)
+        xi = -np.linalg.solve(A, g) * sc
         # Rodrigues, with the series of diffcp.geometry.so3_exp near zero
         w0, w1, w2 = xi[0], xi[1], xi[2]
         theta2 = w0 * w0 + w1 * w1 + w2 * w2

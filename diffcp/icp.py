@@ -46,7 +46,7 @@ from .fused import conditioning_gauss_newton, point_to_point_diagnostics, run_ga
 from .geometry import apply_twist, make_transform, rotate_vectors, split_transform, transform_points, twist_between
 from .minimize.gauss_newton import gauss_newton_step, normal_equations
 from .minimize.levenberg_marquardt import levenberg_marquardt
-from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments
+from .minimize.procrustes import procrustes, procrustes_conditioning, procrustes_from_moments, umeyama
 from .minimize.residuals import residuals, weighted_cost
 from .problem import Problem, build_problem
 from .reject import reject_by_distance, reject_by_normal_angle
@@ -86,6 +86,8 @@ class ICPResult(NamedTuple):
             :class:`~diffcp.DistanceRejection` this is Open3D's ``fitness``. No gradient.
         inlier_rmse: ``(B,)`` at the returned transform, the RMS Euclidean distance from those
             points to their matches (Open3D's ``inlier_rmse``). No gradient.
+        scale: ``(B,)`` the scale ``s`` of a similarity ``transform = [s R | t]`` estimated by
+            ``ProcrustesSolver(scale=True)``; 1 otherwise (``rotation`` is always a rotation).
     """
 
     transform: Tensor
@@ -97,6 +99,7 @@ class ICPResult(NamedTuple):
     final_error: Tensor
     fitness: Tensor
     inlier_rmse: Tensor
+    scale: Tensor
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -132,6 +135,9 @@ def _pair_weights(p: Problem, match: Correspondences, ny: Optional[Tensor], dtyp
 def _minimise(p: Problem, T: Tensor, y: Tensor, ny: Optional[Tensor], match: Correspondences, w: Tensor) -> Tensor:
     """Step 5: the new transform from the weighted pairs."""
     solver = p.settings.solver
+    if isinstance(solver, ProcrustesSolver) and solver.scale:
+        sol = umeyama(p.source, match.points, weights=w)
+        return make_transform(sol.scale[:, None, None] * sol.rotation, sol.translation)
     if isinstance(solver, ProcrustesSolver):
         sol = procrustes(p.source, match.points, weights=w)
         return make_transform(sol.rotation, sol.translation)
@@ -159,13 +165,35 @@ def _fused_step(p: Problem, T: Tensor):
     return T_new, error
 
 
+def _scaled(p: Problem) -> bool:
+    """Whether the transforms are similarities ``[s R | t]`` (``ProcrustesSolver(scale=True)``)."""
+    return isinstance(p.settings.solver, ProcrustesSolver) and p.settings.solver.scale
+
+
+def _rotation_and_scale(p: Problem, T: Tensor):
+    """``(R (B, 3, 3), s (B,))`` of ``T = [s R | t]``; ``s = 1`` (and ``R`` as it is) for rigid ICP."""
+    A = T[:, :3, :3]
+    if not _scaled(p):
+        return A, torch.ones(T.shape[0], dtype=T.dtype, device=T.device)
+    s = A[:, :, 0].norm(dim=-1)  # a column of s R has length s > 0
+    return A / s[:, None, None], s
+
+
+def _rigid(p: Problem, T: Tensor) -> Tensor:
+    """``T = [s R | t]`` without its scale, ``[R | t]`` (``T`` itself for rigid ICP)."""
+    if not _scaled(p):
+        return T
+    R, _ = _rotation_and_scale(p, T)
+    return make_transform(R, T[:, :3, 3])
+
+
 def _step(p: Problem, T: Tensor):
     """One ICP iteration from the current transform ``T``: returns ``(T_new, error (B,))``."""
     if p.fused and not p.needs_graph(T):
         out = _fused_step(p, T)
         if out is not None:
             return out
-    R, _ = split_transform(T)
+    R, _ = _rotation_and_scale(p, T)
     y = transform_points(T, p.source)
     ny = rotate_vectors(R, p.source_normals) if p.source_normals is not None else None
     match = _match(p, y)
@@ -208,8 +236,10 @@ def _run(p: Problem, T: Tensor, iterations: int, tolerance: float, freeze: bool)
     for _ in range(iterations):
         T_new, err = _step(p, T)
         with torch.no_grad():
-            xi = twist_between(T_new, T)
+            xi = twist_between(_rigid(p, T_new), _rigid(p, T))
             small = (xi[:, :3].norm(dim=-1) <= tolerance) & (xi[:, 3:].norm(dim=-1) <= tolerance * p.scale)
+            if _scaled(p):  # and the scale changes by at most the tolerance (relative)
+                small = small & ((_rotation_and_scale(p, T_new)[1] / _rotation_and_scale(p, T)[1]).log().abs() <= tolerance)
             if errors and p.settings.stopping.relative_rmse > 0:
                 prev = errors[-1].detach()
                 small = small | ((prev - err.detach()).abs() <= p.settings.stopping.relative_rmse * prev)
@@ -242,12 +272,20 @@ class _ImplicitGradient(torch.autograd.Function):
         A = (eye - J).transpose(-1, -2)
         # (I - J)^T is singular along directions the data do not determine (a symmetric shape):
         # a slightly damped least-squares solve keeps the gradient finite there and exact elsewhere.
+        # A is first divided by its largest entry c (J can reach 1e20 on a degenerate float32 cloud,
+        # whose square A^T A would overflow): u = (A_c^T A_c + lam I)^-1 A_c^T g / c, A_c = A / c.
         # The damping is relative to the trace and never below the dtype's rounding (64 eps), or
-        # float32 would round it away next to an exactly rank-deficient matrix (a planar shape).
+        # float32 would round it away next to an exactly rank-deficient matrix (a planar shape); it
+        # is floored at sqrt(tiny), not at a multiple of tiny, which is subnormal (its reciprocal
+        # overflows: NaN where I - J = 0, e.g. when every soft match is the same blurred point).
+        tiny = torch.finfo(J.dtype).tiny
+        c = A.abs().amax((-2, -1)).clamp_min(tiny)[:, None, None]
+        A = A / c
         AtA = A.transpose(-1, -2) @ A
         rel = max(1e-12, 64 * torch.finfo(J.dtype).eps)
-        lam = rel * AtA.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(J.dtype).tiny)
-        u = torch.linalg.solve(AtA + lam[:, None, None] * eye, (A.transpose(-1, -2) @ g[..., None]))[..., 0]
+        lam = rel * AtA.diagonal(dim1=-2, dim2=-1).sum(-1) + tiny ** 0.5
+        rhs = A.transpose(-1, -2) @ g[..., None]
+        u = torch.linalg.solve(AtA + lam[:, None, None] * eye, rhs)[..., 0] / c[..., 0]
         return u, None
 
 
@@ -389,8 +427,8 @@ def icp(source: Tensor, target: Tensor, settings: Optional[ICPSettings] = None, 
     with checks.disabled():
         fitness, inlier_rmse = _diagnose(problem, T.detach(), warn=checks_enabled)
     T = problem.to_caller_frames(T)
-    R, t = split_transform(T)
-    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1], fitness, inlier_rmse)
+    (R, scale), t = _rotation_and_scale(problem, T), T[:, :3, 3]
+    out = ICPResult(T, R, t, converged, count, errors, errors[:, -1], fitness, inlier_rmse, scale)
     return ICPResult(*(f[0] for f in out)) if unbatched else out
 
 
@@ -415,7 +453,7 @@ def _diagnose(p: Problem, T: Tensor, warn: bool):
 def _evaluate(p: Problem, T: Tensor):
     """``(fitness (B,), inlier_rmse (B,))`` of the matches at ``T`` (see :class:`ICPResult`)."""
     with torch.no_grad():
-        R, _ = split_transform(T)
+        R, _ = _rotation_and_scale(p, T)
         y = transform_points(T, p.source)
         ny = rotate_vectors(R, p.source_normals) if p.source_normals is not None else None
         match = _match(p, y)

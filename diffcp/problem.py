@@ -307,7 +307,7 @@ def _plan_fast_paths(p: Problem) -> None:
     p.index = NearestNeighborIndex(p.target.detach(), p.target_lengths, backend=s.correspondence.backend,
                                    warm_start=True)
     plain = not s.weighting and not s.rejection and p.index.uses_grid(p.source.shape[1])
-    p.fused = plain and isinstance(s.solver, ProcrustesSolver)
+    p.fused = plain and isinstance(s.solver, ProcrustesSolver) and not s.solver.scale
     p.fused_linear = plain and isinstance(s.solver, GaussNewtonSolver) and s.metric != "point_to_point"
 
 

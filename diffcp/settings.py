@@ -291,9 +291,23 @@ class NormalAngleRejection:
 # ----------------------------------------------------------------------------- step 5: solvers
 @dataclass(frozen=True)
 class ProcrustesSolver:
-    """Closed-form weighted Procrustes (Kabsch); the point-to-point metric only."""
+    """Closed-form weighted Procrustes (Kabsch); the point-to-point metric only.
 
+    Args:
+        scale: also estimate a scale, so that each iteration solves for a similarity
+            ``y = s R x + t`` by Umeyama's closed form (weighted; :func:`diffcp.umeyama`, as
+            PyTorch3D's ``corresponding_points_alignment(estimate_scale=True)``). The result's
+            ``transform`` is then ``[s R | t]`` and its ``scale`` field holds ``s``. Not with the
+            implicit backward mode (its fixed point is differentiated on rigid motions). Start it
+            near the answer: from a poor ``init``, nearest-neighbour ICP with a free scale can
+            shrink the source onto one target point, a spurious fit with zero error.
+    """
+
+    scale: bool = False
     name: ClassVar[str] = "procrustes"
+
+    def __post_init__(self):
+        _flag(self, "scale", self.scale)
 
 
 @dataclass(frozen=True)
@@ -489,6 +503,11 @@ class ICPSettings:
             raise ValueError(
                 f"solver='procrustes' solves the point_to_point metric in closed form only; got "
                 f"metric={self.metric!r}. Use solver='gauss_newton' or 'levenberg_marquardt'."
+            )
+        if isinstance(self.solver, ProcrustesSolver) and self.solver.scale and isinstance(self.backward, ImplicitBackward):
+            raise ValueError(
+                "ProcrustesSolver(scale=True) cannot be combined with backward='implicit': the implicit "
+                "backward differentiates a fixed point over rigid motions; use backward='unroll' or 'truncated'."
             )
 
     # -- what the data must provide

@@ -228,8 +228,9 @@ def test_levenberg_marquardt_damping_schedule_and_monotone_cost():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_levenberg_marquardt_step_uses_marquardt_scaling(metric):
-    """One iteration = apply_twist(T0, xi) with (A + lambda diag(A)) xi = -g (numpy reference)."""
+def test_levenberg_marquardt_step_uses_block_damping(metric):
+    """One iteration = apply_twist(T0, xi) with (A + lambda D) xi = -g, D = diag(mean of the rotation
+    block's diagonal x I3, mean of the translation block's diagonal x I3) (numpy reference)."""
     s, ns, q, nq, _ = _problem(B=2, N=30, seed=22)
     w = torch.rand(2, 30, generator=torch.Generator().manual_seed(22), dtype=D)
     T0 = torch.eye(4, dtype=D).expand(2, 4, 4)
@@ -237,7 +238,8 @@ def test_levenberg_marquardt_step_uses_marquardt_scaling(metric):
     A, g, _ = normal_equations(metric, s, q, w, nq, ns)
     for b in range(2):
         An, gn = A[b].numpy(), g[b].numpy()
-        xi = -np.linalg.solve(An + 0.5 * np.diag(np.diag(An)), gn)
+        d = np.diag(An)
+        xi = -np.linalg.solve(An + 0.5 * np.diag(np.r_[np.full(3, d[:3].mean()), np.full(3, d[3:].mean())]), gn)
         expected = apply_twist(T0[b], torch.from_numpy(xi))
         torch.testing.assert_close(out.transform[b], expected, atol=1e-7, rtol=0)
     torch.testing.assert_close(out.damping, torch.full((2,), 0.05, dtype=D))  # both accepted
@@ -351,3 +353,51 @@ def test_symmetric_solution_equals_open3d():
         T_ours = apply_twist(T0, gauss_newton_step("symmetric", y, q, w, nq, ny))[0]
         errs.append((T_ours - T_o3d).abs().max().item())
     assert errs[0] < 1e-2 and errs[1] < errs[0] / 30
+
+
+def test_levenberg_marquardt_damping_is_invariant_under_rotations_of_the_frame():
+    import diffcp
+    from diffcp.minimize.levenberg_marquardt import block_damping
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    A = J.transpose(1, 2) @ J
+    Q = diffcp.random_rotation(2, generator=g, dtype=torch.float64)
+    P = torch.zeros(2, 6, 6, dtype=torch.float64)
+    P[:, :3, :3], P[:, 3:, 3:] = Q, Q
+    D = block_damping(A)
+    assert torch.allclose(block_damping(P @ A @ P.transpose(1, 2)), D)
+    assert torch.allclose(P @ D @ P.transpose(1, 2), D)  # so the damped step rotates with the frame
+    # Marquardt's diag(A) does not commute with P
+    Dm = torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1))
+    assert not torch.allclose(P @ Dm @ P.transpose(1, 2), Dm)
+
+
+
+def test_trust_region_of_the_correspondences():
+    from diffcp.minimize.levenberg_marquardt import TrustRegion
+    y0 = torch.zeros(2, 4, 3, dtype=D)
+    q = y0.clone()
+    q[..., 0] = 1.0  # every match 1 away: the region has radius 2 (RMS)
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=D)
+    region = TrustRegion(y0, q, w)
+    moved = y0.clone()
+    moved[0, :3, 1] = 1.99  # inside
+    moved[0, 3] = float("nan")  # a weightless row is ignored
+    moved[1, :, 2] = 2.01  # outside
+    assert region.contains(moved).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_float32_step_far_from_the_origin_equals_float64(metric):
+    """The rotation block of J^T W J is a squared length times the translation block: a cloud of
+    radius 100 at 4e3 from the frame's origin makes it 1e7 times larger. The damping is relative to
+    each block (twist_solve), so float32 takes the float64 step; a damping relative to the whole
+    trace, raised to 64 eps in float32, shrank the translation 50-fold (ICP crawled from far
+    starts). (Much farther, 1.8e4 away, the rotation about the far origin and the translation are
+    too alike for float32 to tell apart at all.)"""
+    s, ns, q, nq, _ = _problem(B=2, N=40, seed=31)
+    far = torch.tensor([3e3, -3e3, 1e3], dtype=D)
+    y, q = 100 * s + far, 100 * s + far + torch.tensor([30.0, -10.0, 20.0], dtype=D)
+    w = torch.ones(2, 40, dtype=D)
+    steps = [gauss_newton_step(metric, *(x.to(dt) for x in (y, q, w, nq, ns))).double() for dt in (torch.float32, D)]
+    torch.testing.assert_close(steps[0][:, 3:], steps[1][:, 3:], rtol=2e-2, atol=0.0)

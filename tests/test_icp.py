@@ -630,3 +630,44 @@ def test_fused_pass_never_reuses_host_copies_of_another_source():
         torch.from_numpy(buffer.copy()), T, weights, torch.tensor([400, 400]))
     np.testing.assert_allclose(second, fresh, rtol=1e-12, atol=1e-12)
     assert not np.allclose(first, second)
+
+
+def test_icp_with_scale_recovers_a_similarity_and_rigid_icp_reports_scale_one():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 120, 3, generator=g, dtype=torch.float64)
+    T = diffcp.random_transform(3, max_angle=0.3, max_translation=0.1, generator=g, dtype=torch.float64)
+    s = torch.tensor([0.8, 1.0, 1.25], dtype=torch.float64)
+    R, t = T[:, :3, :3], T[:, :3, 3]
+    y = s[:, None, None] * (x @ R.transpose(1, 2)) + t[:, None] + 5.0  # far from the origin too
+    init = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
+    init[:, :3, 3] = 5.0  # a poor start lets a similarity collapse onto one target point (documented)
+    out = diffcp.icp(x, y, solver=diffcp.ProcrustesSolver(scale=True), init=init,
+                     stopping=diffcp.Stopping(max_iterations=50))
+    torch.testing.assert_close(out.scale, s, atol=1e-9, rtol=0)
+    torch.testing.assert_close(out.rotation, R, atol=1e-9, rtol=0)
+    torch.testing.assert_close(out.transform[:, :3, :3], s[:, None, None] * R, atol=1e-9, rtol=0)
+    torch.testing.assert_close(out.translation, t + 5.0, atol=1e-9, rtol=0)
+    assert out.converged.all()
+    rigid = diffcp.icp(x, diffcp.transform_points(T, x))
+    assert (rigid.scale == 1).all() and rigid.scale.shape == (3,)
+    # differentiable (unrolled), finite
+    xs = x.clone().requires_grad_(True)
+    out = diffcp.icp(xs, y, solver=diffcp.ProcrustesSolver(scale=True), init=init,
+                     stopping=diffcp.Stopping(max_iterations=5))
+    (gx,) = torch.autograd.grad(out.transform.sum() + out.scale.sum(), xs)
+    assert torch.isfinite(gx).all()
+
+
+def test_procrustes_scale_false_is_the_rigid_solver_and_the_layer_carries_the_scale():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 80, 3, generator=g, dtype=torch.float64)
+    T = diffcp.random_transform(2, max_angle=0.3, max_translation=0.1, generator=g, dtype=torch.float64)
+    y = diffcp.transform_points(T, x) + 0.01 * torch.randn(2, 80, 3, generator=g, dtype=torch.float64)
+    default = diffcp.icp(x, y)
+    explicit = diffcp.icp(x, y, solver=diffcp.ProcrustesSolver(scale=False))
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+    layer = diffcp.ICP(solver=diffcp.ProcrustesSolver(scale=True), stopping=diffcp.Stopping(max_iterations=20))
+    out = layer(x, 1.2 * diffcp.transform_points(T, x))
+    assert out.scale.shape == (2,) and torch.allclose(out.scale, torch.full((2,), 1.2, dtype=torch.float64), atol=1e-9)
+    assert diffcp.ICP.from_dict(layer.settings.to_dict()).settings == layer.settings

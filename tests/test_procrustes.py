@@ -398,3 +398,109 @@ def test_default_gradient_eps_lets_a_fit_leave_a_degenerate_start():
     median_default, _ = bench.fit_from_degenerate(default, n=16, steps=600)
     median_tiny, _ = bench.fit_from_degenerate(1e-8, n=16, steps=600)
     assert median_default < 0.1 < 1.0 < median_tiny
+
+
+# ---------------------------------------------------------------------------------------------
+# scale: the cross-covariance is normalised by the clouds' extent (no underflow, no overflow)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12])
+def test_float32_gradient_at_any_scale_matches_float64(scale):
+    src = torch.randn(30, 3, generator=_gen(5), dtype=F64)
+    R0, t0 = _pose(1, 6)
+    dst = _apply(R0[0], t0[0] * 0, src) + 0.01 * torch.randn(30, 3, generator=_gen(7), dtype=F64)
+    grads = []
+    for dtype in (torch.float32, F64):
+        s = (src * scale).to(dtype).requires_grad_(True)
+        R, _ = procrustes(s, (dst * scale).to(dtype))
+        assert torch.allclose(R.double(), procrustes(src, dst).rotation, atol=1e-5)
+        grads.append(torch.autograd.grad(R[0, 1] + R[2, 0], s)[0].double() * scale)
+    assert torch.isfinite(grads[0]).all()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-3 * grads[1].abs().max())
+
+
+@pytest.mark.parametrize("collapsed", [0.0, 1e-30, 1e-13])
+def test_gradient_finite_when_one_cloud_collapses_onto_a_point(collapsed):
+    # every match the same point up to rounding (a soft match far colder than the cloud): the
+    # rotation is ambiguous, its gradient bounded (not 1 / s_1 of rounding noise)
+    for dtype in (torch.float32, F64):
+        src = torch.randn(21, 3, generator=_gen(8), dtype=dtype).mul(1e-6).requires_grad_(True)
+        dst = (1e-3 + collapsed * torch.randn(21, 3, generator=_gen(9), dtype=F64)).to(dtype).requires_grad_(True)
+        R, t = procrustes(src, dst)
+        g = torch.autograd.grad((R * torch.randn(3, 3, generator=_gen(10), dtype=dtype)).sum() + t.sum(), (src, dst))
+        assert all(torch.isfinite(x).all() for x in g), (dtype, collapsed)
+
+
+# ---------------------------------------------------------------------------------------------
+# umeyama: the similarity y = s R x + t (PyTorch3D's estimate_scale=True)
+
+
+def _umeyama_scale_np(src, dst, w):
+    """From-scratch weighted Umeyama (1991) with scale for one cloud, in numpy."""
+    w = w / w.sum()
+    ms, md = w @ src, w @ dst
+    a, b = src - ms, dst - md
+    H = (b * w[:, None]).T @ a
+    U, S, Vt = np.linalg.svd(H)
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ D @ Vt
+    s = np.trace(np.diag(S) @ D) / (w @ (a * a).sum(1))
+    return R, md - s * R @ ms, s
+
+
+def test_umeyama_recovers_a_known_similarity_padded_and_weighted():
+    from diffcp.minimize.procrustes import umeyama
+    R0, t0 = _pose(3, 11)
+    s0 = torch.tensor([0.25, 1.0, 7.5], dtype=F64)
+    src = torch.randn(3, 50, 3, generator=_gen(12), dtype=F64)
+    dst = s0[:, None, None] * (src @ R0.transpose(-1, -2)) + t0[:, None]
+    lengths = torch.tensor([50, 31, 7])
+    w = torch.rand(3, 50, generator=_gen(13), dtype=F64)
+    dst[1, 31:] = 1e6  # padding: ignored
+    R, t, s = umeyama(src, dst, weights=w, lengths=lengths)
+    assert R.shape == (3, 3, 3) and t.shape == (3, 3) and s.shape == (3,)
+    torch.testing.assert_close(R, R0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(t, t0, atol=1e-11, rtol=0)
+    torch.testing.assert_close(s, s0, atol=1e-12, rtol=0)
+    # the rotation is the rigid solver's
+    torch.testing.assert_close(R, procrustes(src, dst, weights=w, lengths=lengths).rotation)
+
+
+def test_umeyama_matches_a_from_scratch_reference_with_noise():
+    from diffcp.minimize.procrustes import umeyama
+    src = torch.randn(2, 40, 3, generator=_gen(14), dtype=F64)
+    dst = 2.0 * src.flip(-1) + 0.3 * torch.randn(2, 40, 3, generator=_gen(15), dtype=F64)
+    dst[1] = dst[1] * torch.tensor([1.0, 1.0, -1.0], dtype=F64)  # mirrored: the best rotation, not a reflection
+    w = torch.rand(2, 40, generator=_gen(16), dtype=F64)
+    R, t, s = umeyama(src, dst, weights=w)
+    for b in range(2):
+        Rn, tn, sn = _umeyama_scale_np(src[b].numpy(), dst[b].numpy(), w[b].numpy())
+        np.testing.assert_allclose(R[b].numpy(), Rn, atol=1e-12)
+        np.testing.assert_allclose(t[b].numpy(), tn, atol=1e-12)
+        np.testing.assert_allclose(float(s[b]), sn, rtol=1e-12)
+        assert abs(float(torch.linalg.det(R[b])) - 1) < 1e-12
+
+
+def test_umeyama_gradcheck_and_degenerate_scale():
+    from diffcp.minimize.procrustes import umeyama
+    src = torch.randn(2, 12, 3, generator=_gen(17), dtype=F64).requires_grad_(True)
+    dst = (1.7 * src.detach() @ so3_exp(torch.tensor([0.2, -0.1, 0.4], dtype=F64)).T
+           + 0.1 * torch.randn(2, 12, 3, generator=_gen(18), dtype=F64)).requires_grad_(True)
+    w = torch.rand(2, 12, generator=_gen(19), dtype=F64).add(0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: umeyama(a, b, weights=c), (src, dst, w))
+    # zero weight, or a source of one point: scale 1 (undefined), finite gradient
+    one = torch.ones(1, 5, 3, dtype=F64).requires_grad_(True)
+    out = umeyama(one, torch.randn(1, 5, 3, generator=_gen(20), dtype=F64))
+    assert float(out.scale.detach()) == 1.0
+    assert torch.isfinite(torch.autograd.grad(out.translation.sum() + out.scale.sum(), one)[0]).all()
+
+
+def test_zero_weight_cloud_far_from_the_origin_next_to_others_is_finite():
+    # the normalisation of a weightless cloud must not divide its coordinates by a tiny extent
+    src = torch.randn(2, 10, 3, generator=_gen(21), dtype=F64) + 14.0
+    w = torch.ones(2, 10, dtype=F64)
+    w[1] = 0.0
+    R, t = procrustes(src.requires_grad_(True), src.detach() + 1.0, weights=w)
+    assert torch.isfinite(R).all() and torch.isfinite(t).all()
+    assert torch.allclose(R[1], torch.eye(3, dtype=F64))
+    assert torch.isfinite(torch.autograd.grad(R.sum() + t.sum(), src)[0]).all()

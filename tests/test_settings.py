@@ -207,3 +207,19 @@ def test_the_loop_reads_in_screens():
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80:
                 long.append(f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_procrustes_scale_option():
+    import diffcp
+    assert diffcp.ProcrustesSolver().scale is False
+    s = diffcp.ICPSettings(solver=diffcp.ProcrustesSolver(scale=True))
+    assert diffcp.ICPSettings.from_dict(s.to_dict()) == s
+    assert s.to_dict()["solver"] == {"type": "procrustes", "scale": True}
+    with pytest.raises(TypeError, match="ProcrustesSolver.scale must be True or False"):
+        diffcp.ProcrustesSolver(scale=1)
+    with pytest.raises(ValueError, match="scale=True.*implicit"):
+        diffcp.ICPSettings(solver=diffcp.ProcrustesSolver(scale=True), backward="implicit")
+    with pytest.raises(ValueError, match="point_to_point metric"):
+        diffcp.ICPSettings(solver=diffcp.ProcrustesSolver(scale=True), metric="point_to_plane")
+    with pytest.raises(TypeError):
+        diffcp.GaussNewtonSolver(scale=True)

@@ -9,8 +9,9 @@ of failure, so that a known failure (marked ``xfail(strict=True)`` with its repr
 hide the others. A failing cloud is re-run alone with
 ``python benchmarks/stress.py --repro '<{"config": ..., "spec": ...} from the message>'``.
 
-The last tests reduce the failures of the full run (50,000+ registrations) that the slice does not
-meet to a few lines each; they are marked ``xfail(strict=True)`` until diffcp is fixed.
+The last tests reduce the failures that full runs (50,000+ registrations) met and the slice does not
+to a few lines each: regression tests for the fixed ones (each names its root cause), and
+``xfail(strict=True)`` with a reproduction for a known limitation (the run of record meets none).
 """
 
 import importlib.util
@@ -113,10 +114,11 @@ def _finite(*grads):
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: implicit backward with soft correspondences and point-to-plane gives NaN gradients when the "
-    "temperature dwarfs the cloud (T / radius**2 above ~1e9: every soft match is the same blurred point); "
-    "unroll is finite (full run: 4 clouds, float32 and float64)"))
+# Was a bug (fixed): implicit backward with soft correspondences and point-to-plane gives NaN gradients when
+# the temperature dwarfs the cloud (T / radius**2 above ~1e9: every soft match is the same blurred point);
+# unroll is finite (full run: 4 clouds, float32 and float64)
+# Root cause: the implicit backward's damping was 1e-12 x trace floored at tiny, a subnormal
+# number when I - J = 0; its LU reciprocal overflowed (0 x inf). Fixed in icp._ImplicitGradient.backward.
 def test_implicit_point_to_plane_with_a_temperature_far_larger_than_the_cloud():
     cube = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)], dtype=torch.float64)
     s = cube.clone().requires_grad_()
@@ -127,10 +129,12 @@ def test_implicit_point_to_plane_with_a_temperature_far_larger_than_the_cloud():
     assert _finite(out.transform, *torch.autograd.grad(out.transform.sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 soft Procrustes gives NaN gradients (source, target, temperature) on a tiny cloud far "
-    "from the origin with a temperature far larger than the cloud (a 21-gon of radius 1e-6, 1000 radii away, "
-    "T = 2.6e-3); float64 is finite (full run: 12 clouds, unroll and truncated)"))
+# Was a bug (fixed): float32 soft Procrustes gives NaN gradients (source, target, temperature) on a tiny cloud
+# far from the origin with a temperature far larger than the cloud (a 21-gon of radius 1e-6, 1000 radii away,
+# T = 2.6e-3); float64 is finite (full run: 12 clouds, unroll and truncated)
+# Root cause: the polar factor's backward clamps 1 / (s_i + s_j) at gradient_eps x s_1, and s_1 was
+# rounding noise (2.5e-31): the gradient overflowed. Fixed in procrustes._prepare (M normalised by the
+# clouds' extent) and _PolarRotation.backward (floor at gradient_eps x max(s_1, sqrt(eps))).
 def test_float32_soft_procrustes_with_a_temperature_far_larger_than_the_cloud():
     a = 2 * math.pi * torch.arange(21, dtype=torch.float64) / 21
     x = torch.stack([a.cos(), a.sin(), 0 * a], 1) * 1e-6
@@ -145,9 +149,14 @@ def test_float32_soft_procrustes_with_a_temperature_far_larger_than_the_cloud():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 Levenberg-Marquardt with the symmetric metric gives NaN gradients on a symmetric cloud "
-    "(13 points on a sphere of radius 100) whose target lies 1.8e4 away (13 of 40 random cases; float64 and "
-    "Gauss-Newton finite; full run: 26 clouds, hard and soft correspondences)"))
+    "diffcp limitation: float32 Levenberg-Marquardt with the symmetric metric gives NaN gradients on a symmetric "
+    "cloud (13 points on a sphere of radius 100) whose target lies 1.8e4 away. Most of the full run's 26 such "
+    "clouds were float32 ICP crawling from far starts (the damping was relative to the whole trace of J^T W J, "
+    "fixed by minimize.gauss_newton.twist_solve; the stress run of record now meets none). This one is the size "
+    "of the exact gradient: ICP wanders on the ambiguous sphere for all 30 iterations and every iteration "
+    "multiplies the unrolled gradient, so in float64 it is 3e32 (Gauss-Newton: 3e41), beyond float32's range, "
+    "where inf x 0 gives NaN. A finite float32 gradient here needs a bounded (inexact) unrolled gradient, or "
+    "the truncated / implicit backward, which are finite. Repro: this test"))
 def test_float32_levenberg_marquardt_symmetric_far_from_the_origin():
     g = torch.Generator().manual_seed(30)
     u = torch.randn(13, 3, generator=g, dtype=torch.float64)
@@ -163,10 +172,10 @@ def test_float32_levenberg_marquardt_symmetric_far_from_the_origin():
     assert _finite(out.transform, *torch.autograd.grad(out.transform.sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 hard-NN Procrustes on one repeated point on each side (a cloud of zero extent) gives a "
-    "NaN gradient for some directions of the incoming gradient (transform.sum() is finite, this w is not); "
-    "float64 is finite (full run: 1 cloud)"))
+# Was a bug (fixed): float32 hard-NN Procrustes on one repeated point on each side (a cloud of zero extent)
+# gives a  NaN gradient for some directions of the incoming gradient (transform.sum() is finite, this w is
+# not);  float64 is finite (full run: 1 cloud)
+# Root cause: as above, with s_1 = 3e-39 (subnormal). Same fix.
 def test_float32_procrustes_on_one_repeated_point_every_direction():
     s = torch.tensor([-1.6763175381129258e-06, -9.909470577440516e-09, -2.927124000962067e-07]).repeat(25, 1)
     s.requires_grad_(True)
@@ -179,11 +188,12 @@ def test_float32_procrustes_on_one_repeated_point_every_direction():
     assert _finite(out.transform, *torch.autograd.grad((out.transform * w).sum(), s))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "diffcp bug: float32 soft Procrustes (default temperature) in implicit mode gives NaN gradients w.r.t. "
-    "source and target on identical clouds of a few points each repeated (radius 1e-6, 5 and 50 radii from "
-    "the origin); float64 and unroll are finite (full run: 1 cloud). Repro: python benchmarks/stress.py "
-    "--repro with the spec of this test"))
+# Was a bug (fixed): float32 soft Procrustes (default temperature) in implicit mode gives NaN gradients w.r.t.
+# source and target on identical clouds of a few points each repeated (radius 1e-6, 5 and 50 radii from  the
+# origin); float64 and unroll are finite (full run: 1 cloud). Repro: python benchmarks/stress.py  --repro with
+# the spec of this test
+# Root cause: J reached 1e20 and the implicit backward squared it (J^T J overflows float32). Fixed in
+# icp._ImplicitGradient.backward (the matrix is divided by its largest entry before the solve).
 def test_float32_soft_implicit_on_repeated_points():
     config = {"dtype": "float32", "correspondence": "soft_default", "solver": "procrustes", "metric": "point_to_point",
               "backward": "implicit"}

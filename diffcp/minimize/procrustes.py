@@ -1,4 +1,4 @@
-"""Weighted Procrustes (Kabsch/Umeyama without scale) with a gradient that survives symmetry.
+"""Weighted Procrustes (Kabsch; Umeyama with scale) with a gradient that survives symmetry.
 
 Given matched points ``s_i -> q_i`` and weights ``w_i >= 0``, the rigid motion ``y = R x + t``
 minimising ``sum_i w_i |R s_i + t - q_i|^2`` is found in closed form:
@@ -9,6 +9,9 @@ minimising ``sum_i w_i |R s_i + t - q_i|^2`` is found in closed form:
 3. ``R`` is the determinant-corrected orthogonal polar factor of ``M``: with ``M = U S V^T``,
    ``R = U D V^T``, ``D = diag(1, 1, det(U V^T))``, so ``det R = +1`` even for mirrored data;
 4. ``t = q_bar - R s_bar``.
+
+:func:`umeyama` adds the scale of a similarity ``y = s R x + t``: ``s = trace(R^T M) / var(a)``,
+``t = q_bar - s R s_bar``.
 
 Step 3 is a custom :class:`torch.autograd.Function`. Autograd through ``torch.linalg.svd`` divides
 by ``s_i^2 - s_j^2`` and is NaN/Inf whenever singular values repeat (a cube's corners, a square, any
@@ -31,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from diffcp import checks
 
-__all__ = ["Procrustes", "procrustes", "procrustes_conditioning", "procrustes_from_moments"]
+__all__ = ["Procrustes", "Similarity", "procrustes", "procrustes_conditioning", "procrustes_from_moments", "umeyama"]
 
 
 class Procrustes(NamedTuple):
@@ -39,6 +42,14 @@ class Procrustes(NamedTuple):
 
     rotation: Tensor  # (B, 3, 3) or (3, 3)
     translation: Tensor  # (B, 3) or (3,)
+
+
+class Similarity(NamedTuple):
+    """Result of :func:`umeyama`: ``y = scale * rotation @ x + translation`` maps source to target."""
+
+    rotation: Tensor  # (B, 3, 3) or (3, 3)
+    translation: Tensor  # (B, 3) or (3,)
+    scale: Tensor  # (B,) or ()
 
 
 def _signed_svd(M: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -81,8 +92,14 @@ class _PolarRotation(torch.autograd.Function):
     Only sums ``s'_i + s'_j`` appear (autograd through the SVD divides by ``s_i^2 - s_j^2``), so
     repeated singular values are harmless. The sums are ``>= 0``; the smallest, ``s'_2 + s'_3``,
     is zero only if the rotation is ambiguous (collinear or coincident points). Sums with
-    ``|s'_i + s'_j| < eps * s_1`` are replaced by ``+-eps * s_1`` (sign kept) so the gradient stays
-    finite. When ``M = 0`` (``s_1 = 0``) the forward returns the identity and the gradient is zero.
+    ``|s'_i + s'_j| < eps * max(s_1, sqrt(eps_dtype))`` are replaced by that floor (sign kept) so
+    the gradient stays finite. :func:`procrustes` passes ``M`` normalised by the clouds' extent
+    (``|a_i|, |b_i| <= 1``), so ``s_1 < sqrt(eps_dtype)`` means that the cross-covariance is
+    rounding noise next to the clouds (one cloud collapsed onto a point, e.g. every soft match the
+    same blurred point): the rotation is then as ambiguous as for collinear points, and the floor
+    keeps ``1 / den`` (and the gradient times it) far from the dtype's overflow, which a floor of
+    ``eps * s_1`` alone did not (``s_1`` reached 3e-39 on a float32 cloud of one repeated point).
+    When ``M = 0`` (``s_1 = 0``) the forward returns the identity and the gradient is zero.
     """
 
     @staticmethod
@@ -101,7 +118,9 @@ class _PolarRotation(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         Ut, s, V, zero = ctx.saved_tensors
         den = s[..., :, None] + s[..., None, :]
-        floor = (ctx.eps * s[..., 0].abs()).clamp_min(torch.finfo(s.dtype).tiny)[..., None, None]
+        finfo = torch.finfo(s.dtype)
+        scale = s[..., 0].abs().clamp_min(finfo.eps ** 0.5)  # M is normalised: s_1 <= 3, see _prepare
+        floor = (ctx.eps * scale).clamp_min(finfo.tiny)[..., None, None]
         den = torch.where(den.abs() < floor, torch.where(den < 0, -floor, floor), den)
         Gt = Ut.transpose(-1, -2) @ grad @ V
         Y = (Gt - Gt.transpose(-1, -2)) / den  # diagonal is exactly zero
@@ -109,8 +128,16 @@ class _PolarRotation(torch.autograd.Function):
         return torch.where(zero[..., None, None], torch.zeros_like(grad_M), grad_M), None
 
 
-def _prepare(source, target, weights, lengths):
-    """Validate inputs; return ``(M (B,3,3), s_bar (B,3), q_bar (B,3), unbatched)`` (see module docs)."""
+class _Moments(NamedTuple):
+    cross: Tensor  # (B, 3, 3) M / r^2, r the larger extent of the two centred clouds
+    source_var: Tensor  # (B,) sum_i w_i |a_i|^2 / (r^2 sum_i w_i), 0 without weight
+    source_mean: Tensor  # (B, 3)
+    target_mean: Tensor  # (B, 3)
+    unbatched: bool
+
+
+def _prepare(source, target, weights, lengths) -> _Moments:
+    """Validate inputs; return the normalised weighted moments (see module docs and :class:`_Moments`)."""
     source, unbatched = checks.as_batched_points("source", source)
     target, unbatched_t = checks.as_batched_points("target", target)
     if unbatched != unbatched_t or source.shape != target.shape:
@@ -150,13 +177,70 @@ def _prepare(source, target, weights, lengths):
     q_bar = (w_n[:, None, :] @ target)[:, 0]
     a = source - s_bar[:, None]
     b = target - q_bar[:, None]
-    M = (b * (w_n * has_weight[:, None])[..., None]).transpose(-1, -2) @ a
-    return M, s_bar, q_bar, unbatched
+    # Normalised by the larger extent r of the two centred clouds (largest |coordinate| of a weighted
+    # point, no gradient): the rotation of M / r^2 is the rotation of M (and so is its gradient,
+    # which is orthogonal to M), but M / r^2 is of order 1 for any scale and no coordinate is
+    # squared, so nothing underflows for tiny clouds nor overflows for huge ones in float32.
+    with torch.no_grad():
+        used = (w_n * has_weight[:, None] > 0)[..., None]
+        extent = torch.where(used, torch.maximum(a.abs(), b.abs()), torch.zeros((), dtype=a.dtype, device=a.device))
+        r = extent.amax((1, 2))
+        r = torch.where(r > 0, r, torch.ones_like(r))[:, None, None]  # no weight, or one point: M = 0 anyway
+    a, b = a / r, b / r
+    wa = (w_n * has_weight[:, None])[..., None]
+    M = (b * wa).transpose(-1, -2) @ a
+    return _Moments(M, (wa * a * a).sum((1, 2)), s_bar, q_bar, unbatched)
 
 
 def _finish(R: Tensor, s_bar: Tensor, q_bar: Tensor, unbatched: bool) -> Procrustes:
     t = q_bar - (R @ s_bar[..., None])[..., 0]
     return Procrustes(R[0], t[0]) if unbatched else Procrustes(R, t)
+
+
+def umeyama(
+    source: Tensor,
+    target: Tensor,
+    weights: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    gradient_eps: float = 1e-2,
+) -> Similarity:
+    """Best similarity ``y = s R x + t`` (source to target) for matched points: weighted Umeyama.
+
+    Minimises ``sum_i w_i |s R a_i + t - q_i|^2`` over rotations, scales ``s > 0`` and
+    translations in closed form (Umeyama 1991, with weights): ``R`` is the rotation of
+    :func:`procrustes` (the same cross-covariance ``M``, the same stable backward),
+    ``s = trace(R^T M) / var`` with ``var = sum_i w_i |a_i|^2 / sum_i w_i`` the source's weighted
+    variance about its centroid (``trace(R^T M)`` is the sum of the signed singular values, so a
+    mirrored cloud gets the scale of the best rotation, not of the reflection), and
+    ``t = q_bar - s R s_bar``. This is PyTorch3D's ``corresponding_points_alignment(...,
+    estimate_scale=True)`` with weights. Differentiable w.r.t. ``source``, ``target``, ``weights``.
+
+    Args:
+        source, target, weights, lengths, gradient_eps: as in :func:`procrustes`.
+
+    Returns:
+        ``Similarity(rotation (B, 3, 3), translation (B, 3), scale (B,))``, unbatched if the input
+        was. The scale is 1 where it is undefined: a cloud whose weights sum to zero or whose
+        source has no extent (all its weighted points at one place).
+
+    Example:
+        >>> from diffcp.geometry import so3_exp
+        >>> src = torch.tensor([[0., 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3]], dtype=torch.float64)
+        >>> R0 = so3_exp(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+        >>> R, t, s = umeyama(src, 2.5 * src @ R0.T + 1.0)
+        >>> torch.allclose(R, R0), round(float(s), 12), torch.allclose(t, torch.ones(3, dtype=torch.float64))
+        (True, 2.5, True)
+    """
+    checks.check_positive("gradient_eps", gradient_eps, allow_zero=True)
+    m = _prepare(source, target, weights, lengths)
+    R = _PolarRotation.apply(m.cross, float(gradient_eps))
+    fit = (R * m.cross).sum((-2, -1))  # trace(R^T M) / r^2
+    var = m.source_var  # / r^2 as well
+    defined = var > 0
+    scale = torch.where(defined, fit / var.clamp_min(torch.finfo(var.dtype).tiny ** 0.5), torch.ones_like(var))
+    sR = scale[:, None, None] * R
+    t = m.target_mean - (sR @ m.source_mean[..., None])[..., 0]
+    return Similarity(R[0], t[0], scale[0]) if m.unbatched else Similarity(R, t, scale)
 
 
 def procrustes(
@@ -200,9 +284,9 @@ def procrustes(
         (True, True)
     """
     checks.check_positive("gradient_eps", gradient_eps, allow_zero=True)
-    M, s_bar, q_bar, unbatched = _prepare(source, target, weights, lengths)
-    R = _PolarRotation.apply(M, float(gradient_eps))
-    return _finish(R, s_bar, q_bar, unbatched)
+    m = _prepare(source, target, weights, lengths)
+    R = _PolarRotation.apply(m.cross, float(gradient_eps))
+    return _finish(R, m.source_mean, m.target_mean, m.unbatched)
 
 
 def procrustes_from_moments(weight_sum: Tensor, source_sum: Tensor, target_sum: Tensor, cross_sum: Tensor,
@@ -239,7 +323,7 @@ def procrustes_reference(
     For demonstrations and tests only: its gradient is NaN/Inf (or wrong) when singular values of
     the cross-covariance repeat, e.g. for a cube's corners, a square or a regular polygon.
     """
-    M, s_bar, q_bar, unbatched = _prepare(source, target, weights, lengths)
+    M, _, s_bar, q_bar, unbatched = _prepare(source, target, weights, lengths)
     U, S, Vh = torch.linalg.svd(M)
     with torch.no_grad():
         d = torch.ones_like(S)
@@ -271,7 +355,7 @@ def procrustes_conditioning(
         True
     """
     with torch.no_grad():
-        M, _, _, unbatched = _prepare(source, target, weights, lengths)
+        M, _, _, _, unbatched = _prepare(source, target, weights, lengths)
         _, s, _ = _signed_svd(M)
         s1 = s[..., 0]
         c = torch.where(s1 > 0, (s[..., 1] + s[..., 2]) / torch.where(s1 > 0, s1, torch.ones_like(s1)), torch.zeros_like(s1))
