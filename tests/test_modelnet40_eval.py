@@ -65,3 +65,17 @@ def test_quoted_paper_tables_are_complete_and_consistent():
     ablation = next(v for k, v in QUOTED.items() if "Table 5" in k)
     assert ablation["DGCNN+DCP-v2"] == tables["clean"]["rows"]["DCP-v2"][:3]
     assert ablation["DGCNN+DCP-v1"] == tables["clean"]["rows"]["DCP-v1"][:3]
+
+
+def test_fgr_is_deterministic():
+    pytest.importorskip("open3d")
+    from diffcp.experiments.modelnet40_eval import _fgr
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 512, 3, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=-1).amax(-1)[:, None, None]
+    T = random_transform(2, max_angle=0.5, max_translation=0.1, generator=g, dtype=torch.float64)
+    y = transform_points(T, x) + 0.01 * torch.randn(2, 512, 3, generator=g, dtype=torch.float64)
+    first, again = _fgr(x, y), _fgr(x, y)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(_fgr(x[1:], y[1:]), first[1:], rtol=0, atol=0)   # per pair, not per batch
