@@ -47,10 +47,14 @@ __all__ = [
     "DistanceRejection", "NormalAngleRejection",
     "RandomSelection", "Stopping",
     "UnrollBackward", "TruncatedBackward", "ImplicitBackward",
-    "METRICS",
+    "METRICS", "SOLVER_METRICS",
 ]
 
 METRICS = ("point_to_point", "point_to_plane", "symmetric")
+#: Every (solver, metric) pair that :class:`ICPSettings` accepts: Procrustes solves point_to_point
+#: only, Gauss-Newton and Levenberg-Marquardt every metric.
+SOLVER_METRICS = (("procrustes", "point_to_point"),
+                  *((solver, metric) for solver in ("gauss_newton", "levenberg_marquardt") for metric in METRICS))
 ROBUST_KERNELS = ("huber", "tukey", "cauchy", "geman_mcclure")
 
 Number = Union[float, Tensor]

@@ -671,3 +671,14 @@ def test_procrustes_scale_false_is_the_rigid_solver_and_the_layer_carries_the_sc
     out = layer(x, 1.2 * diffcp.transform_points(T, x))
     assert out.scale.shape == (2,) and torch.allclose(out.scale, torch.full((2,), 1.2, dtype=torch.float64), atol=1e-9)
     assert diffcp.ICP.from_dict(layer.settings.to_dict()).settings == layer.settings
+
+
+def test_the_library_lists_exactly_these_solver_metric_pairs():
+    assert list(diffcp.settings.SOLVER_METRICS) == SOLVER_METRICS
+    for solver in ("procrustes", "gauss_newton", "levenberg_marquardt"):
+        for metric in diffcp.settings.METRICS:
+            if (solver, metric) in SOLVER_METRICS:
+                diffcp.ICPSettings(solver=solver, metric=metric)
+            else:
+                with pytest.raises(ValueError, match="point_to_point"):
+                    diffcp.ICPSettings(solver=solver, metric=metric)

@@ -56,15 +56,7 @@ PROPERTY = hsettings(max_examples=EXAMPLES, deadline=None, derandomize=True, dat
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # --------------------------------------------------------------------------------------------- combinations
-SOLVER_METRICS = [
-    ("procrustes", "point_to_point"),
-    ("gauss_newton", "point_to_point"),
-    ("gauss_newton", "point_to_plane"),
-    ("gauss_newton", "symmetric"),
-    ("levenberg_marquardt", "point_to_point"),
-    ("levenberg_marquardt", "point_to_plane"),
-    ("levenberg_marquardt", "symmetric"),
-]
+SOLVER_METRICS = diffcp.settings.SOLVER_METRICS   # tests/test_icp.py checks it against an explicit list
 # the explicit temperature is in squared distance units, relative to the RMS radius (about 0.6 here)
 EXPLICIT_TEMPERATURE = 5e-3
 CORRESPONDENCES = ["nn", "soft_default", "soft_explicit"]

@@ -58,6 +58,7 @@ from ..datasets.body_pairs import BodyPairs, load_manifest
 from ..geometry import transform_points
 from ..models.pose_cnn import PoseCNN
 from ..provenance import atomic_write, provenance
+from .progress import progress_bar
 from ..settings import (DistanceRejection, GaussNewtonSolver, ICPSettings, NearestNeighbor, ProjectiveAssociation,
                         SoftNearestNeighbor, Stopping)
 
@@ -318,7 +319,7 @@ def _epoch(net, opt, data: Dict[str, Tensor], settings: TrainSettings, epoch: in
     g = torch.Generator().manual_seed(settings.seed * 100003 + epoch)  # the order depends on the epoch only
     batches = _batches(data["index"].shape[0], settings.batch_size, g)
     losses, norms, times = [], [], []
-    bar = _progress(batches, f"{settings.method} epoch {epoch + 1}/{settings.epochs}", progress)
+    bar = progress_bar(batches, f"{settings.method} epoch {epoch + 1}/{settings.epochs}", progress)
     net.train()
     for index in bar:
         t0 = time.perf_counter()
@@ -337,16 +338,6 @@ def _epoch(net, opt, data: Dict[str, Tensor], settings: TrainSettings, epoch: in
             "grad_norm_median": float(torch.tensor(finite).median()) if finite else None,
             "grad_norm_max": max(finite) if finite else None, "nonfinite_grads": len(norms) - len(finite),
             "step_seconds_median": float(torch.tensor(times).median()), "epoch_seconds": sum(times)}
-
-
-def _progress(iterable, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 def train(data_root, out_dir, settings: TrainSettings = TrainSettings(), *, progress: bool = True,

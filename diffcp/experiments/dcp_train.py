@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffcp.experiments.progress import progress_bar
 from diffcp.provenance import atomic_write
 
 __all__ = ["TrainSettings", "DCPWithICP", "dcp_loss", "build_model", "icp_layer", "training_pairs", "train", "main",
@@ -345,16 +346,6 @@ def _selected_error(metrics: Dict[str, dict], settings: TrainSettings) -> float:
 
 
 # ----------------------------------------------------------------------------- training
-def _progress(iterable, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
-
-
 def _epoch(model, ddp_model, opt, points, settings: TrainSettings, epoch: int, progress: bool) -> dict:
     from torch.utils.data.distributed import DistributedSampler
 
@@ -373,7 +364,7 @@ def _epoch(model, ddp_model, opt, points, settings: TrainSettings, epoch: int, p
     use_icp = settings.icp == "end_to_end"
     losses, norms, times = [], [], []
     ddp_model.train()
-    bar = _progress(batches, f"{settings.model}/{settings.protocol}/{settings.icp} epoch {epoch + 1}/{settings.epochs}",
+    bar = progress_bar(batches, f"{settings.model}/{settings.protocol}/{settings.icp} epoch {epoch + 1}/{settings.epochs}",
                     progress and rank == 0)
     for items in bar:
         t0 = time.perf_counter()
