@@ -199,6 +199,18 @@ QUOTED = {
 }
 
 
+def _kept_sections(path) -> Dict[str, object]:
+    """Sections of an existing results file that this command does not produce (the trained runs of
+    :mod:`diffcp.experiments.dcp_trained_eval`, with their own provenance): carried over unchanged."""
+    import json
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return {}
+    old = json.loads(Path(path).read_text())
+    return {k: old[k] for k in ("trained",) if k in old}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write (e.g. book/_data/modelnet40.json)")
@@ -227,7 +239,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     from diffcp.provenance import write_result
 
-    write_result(args.out, {"settings": settings, "protocols": protocols, "quoted": QUOTED, "timing": timing},
+    data = {"settings": settings, "protocols": protocols, "quoted": QUOTED, "timing": timing}
+    data.update(_kept_sections(args.out))
+    write_result(args.out, data,
                  command=["python", "-m", "diffcp.experiments.modelnet40_eval", *(argv if argv is not None else sys.argv[1:])],
                  started=started)
     print(f"wrote {args.out}")
