@@ -39,6 +39,7 @@ def test_rows_and_the_test_time_layer(runs):
     out = te.evaluate_run(settings, model, max_objects=3, log=lambda *_: None)
     assert out["pairs"] == 3
     assert set(out["test"]) == {"dcp", "dcp+icp_layer"} | {f"dcp+icp_{v}" for v in ev.REFINE_VARIANTS}
+    assert set(out["released"]) == set(out["test"]) and out["released"] != out["test"]
     # the row "dcp" is the trained DCP: recompute it by hand on the same pairs
     from diffcp.datasets.protocols import RegistrationPairs, get_protocol
     from diffcp.metrics import registration_metrics
@@ -81,3 +82,18 @@ def test_part_one_rewrite_keeps_the_trained_runs(runs, tmp_path):
 def test_an_unfinished_run_is_refused_by_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="run_dir .* has no result.json"):
         te.load_run(tmp_path)
+
+
+def test_exported_weights_load_plainly_and_match_their_sidecar(runs, tmp_path):
+    import hashlib
+
+    from diffcp.models.dcp import DCP
+
+    path = te.export_weights(runs / "end_to_end", tmp_path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sidecar["training_provenance"]["command"].startswith("python -m diffcp.experiments.dcp_train")
+    dcp = DCP("dgcnn", "identity", emb_dims=32)
+    dcp.load_state_dict(torch.load(path, weights_only=True))  # strict: every key, nothing else
+    _, model, _ = te.load_run(runs / "end_to_end")
+    assert all(torch.equal(v, model.dcp.state_dict()[k]) for k, v in dcp.state_dict().items())
