@@ -65,6 +65,7 @@ def test_merge_keeps_the_other_sections_and_replaces_only_its_runs(runs, tmp_pat
     assert training["epochs"] == 1 and training["train_objects"] == 4 and entry["pairs"] == 2
     assert training["weights_sha256"] == json.loads((runs / "none" / "result.json").read_text())["rank_weight_sha256"][0]
     assert "command" in first["trained"]["provenance"]
+    assert entry["evaluation"]["command"].startswith("python -m diffcp.experiments.dcp_trained_eval")
     assert te.main([str(runs / "end_to_end"), "--into", str(into), "--max-objects", "2"]) == 0
     second = json.loads(into.read_text())
     assert set(second["trained"]["runs"]) == {"noise/v1_scratch/none", "noise/v1_scratch/end_to_end"}

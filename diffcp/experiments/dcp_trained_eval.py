@@ -18,8 +18,9 @@ and the same rows for the released DCP-v1 on the same pairs (``"released"``: whe
 started, at the run's number of points).
 
 The rows go into the part-1 results file under ``"trained"``:
-``{"provenance": <this evaluation>, "runs": {name: {"protocol", "model", "init", "icp",
-"points", "pairs", "test": {row: metrics}, "released": {row: metrics}, "training": {...}}}}``, where ``training`` carries the
+``{"provenance": <the latest evaluation>, "runs": {name: {"protocol", "model", "init", "icp",
+"points", "pairs", "test": {row: metrics}, "released": {row: metrics}, "training": {...},
+"evaluation": <the provenance of the command that evaluated this run>}}}``, where ``training`` carries the
 run's own provenance (command, commit, machine, date, duration), its epochs, wall time, the chosen
 epoch with its validation metrics, the number of training objects and the sha256 of the weights
 evaluated. The part-1 sections of the file are left as they are; a run evaluated again replaces its
@@ -166,8 +167,9 @@ def merge_into(path, entries: Dict[str, dict], command: Sequence[str], started: 
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
     trained = data.get("trained", {"runs": {}})
-    trained["runs"] = {**trained.get("runs", {}), **entries}
-    trained["provenance"] = provenance(command=list(command), started=started)
+    record = provenance(command=list(command), started=started)
+    trained["runs"] = {**trained.get("runs", {}), **{k: v | {"evaluation": record} for k, v in entries.items()}}
+    trained["provenance"] = record  # the latest evaluation; each run keeps its own under "evaluation"
     data["trained"] = trained
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
