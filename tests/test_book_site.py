@@ -33,6 +33,7 @@ EXPECTED_CHAPTERS = [
     "book/07_tailor_it_to_the_hardware",
     "book/08_body_depth_maps",
     "book/09_modelnet40_and_deep_closest_point",
+    "book/11_does_icp_need_to_be_differentiable",
 ]
 
 
