@@ -302,6 +302,10 @@ def _implicit(p: Problem, T_star: Tensor):
     xi0 = torch.zeros(T_star.shape[0], 6, dtype=T_star.dtype, device=T_star.device, requires_grad=True)
     T1, err = _step(p, apply_twist(T_star, xi0))
     z = twist_between(T1, T_star)  # ~0 at the fixed point; a function of xi0 and the inputs
+    if not z.requires_grad:
+        # The step reads nothing that needs a gradient: only init does (hard correspondences, say),
+        # and the fixed point does not depend on init. Its gradient is zero: no graph to build.
+        return T_star, err
     rows = []
     for k in range(6):
         (g,) = torch.autograd.grad(z[:, k].sum(), xi0, retain_graph=True, allow_unused=True)

@@ -682,3 +682,18 @@ def test_the_library_lists_exactly_these_solver_metric_pairs():
             else:
                 with pytest.raises(ValueError, match="point_to_point"):
                     diffcp.ICPSettings(solver=solver, metric=metric)
+
+
+@pytest.mark.parametrize("correspondence", ["nn", "soft_nn"])
+def test_implicit_backward_gives_init_no_gradient_and_no_error(correspondence):
+    """The fixed point does not depend on init: with only init requiring a gradient, the implicit
+    mode returns the converged pose with no graph (it raised inside autograd for hard matches)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g, dtype=torch.float64)
+    xi = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    init = diffcp.make_transform(diffcp.so3_exp(xi[:3]), xi[3:])
+    out = diffcp.icp(x, x + 0.05, init=init, correspondence=correspondence, backward="implicit")
+    torch.testing.assert_close(out.transform[:3, 3], torch.full((3,), 0.05, dtype=torch.float64), atol=1e-4, rtol=0)
+    if out.transform.requires_grad:
+        (grad,) = torch.autograd.grad(out.transform.sum(), xi, allow_unused=True)
+        assert grad is None or torch.count_nonzero(grad) == 0
