@@ -94,6 +94,9 @@ def test_exported_weights_load_plainly_and_match_their_sidecar(runs, tmp_path):
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sidecar["training_provenance"]["command"].startswith("python -m diffcp.experiments.dcp_train")
+    assert sidecar["command"] == sidecar["training_provenance"]["command"]
+    assert sidecar["commit"] == sidecar["training_provenance"]["git"]["commit"] and sidecar["date_utc"]
+    assert "cores" in sidecar["machine"]
     dcp = DCP("dgcnn", "identity", emb_dims=32)
     dcp.load_state_dict(torch.load(path, weights_only=True))  # strict: every key, nothing else
     _, model, _ = te.load_run(runs / "end_to_end")

@@ -188,7 +188,11 @@ def export_weights(run_dir, out_dir) -> Path:
     origin = ("fine-tuned from the DCP authors' released dcp_v1.t7 (WangYueFt/dcp, MIT licence; sha256 "
               "797d34fa5ef98593397233f2791225c38d8e45b02ce63041dd53643f74d081c1)" if settings.init == "released"
               else "trained from a seeded random initialisation")
-    sidecar = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size, "origin": origin,
+    prov, machine = result["provenance"], result["provenance"]["machine"]
+    sidecar = {"file": path.name, "sha256": digest, "bytes": path.stat().st_size,
+               "command": prov["command"], "commit": prov["git"]["commit"],
+               "machine": f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB, GPU: {machine['gpu']}",
+               "date_utc": prov["date_utc"], "origin": origin,
                "loads_into": f"diffcp.models.dcp.DCP('dgcnn', {'identity' if settings.model == 'v1' else 'transformer'!r}, "
                              f"emb_dims={settings.emb_dims})",
                "run": run_name(settings), "best_epoch": result["validation"]["best_epoch"],
