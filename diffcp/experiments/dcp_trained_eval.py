@@ -79,16 +79,12 @@ def test_time_layer(settings: TrainSettings, model):
 
 
 def test_pairs(settings: TrainSettings, max_objects: Optional[int] = None):
-    """``(source, target, R, t)`` of the run's protocol on the test split, at the run's number of points,
-    each pair seeded with its object's row in the official test split (part 1's pairs)."""
-    from diffcp.datasets.modelnet40 import load_modelnet40
-    from diffcp.datasets.protocols import RegistrationPairs, get_protocol, labels_for
+    """Part 1's test pairs of the run's protocol, at the run's number of points."""
+    from diffcp.datasets.protocols import get_protocol
+    from diffcp.experiments import modelnet40_eval
 
     protocol = get_protocol(settings.protocol)._replace(num_points=settings.points)
-    data = load_modelnet40("test", settings.folder, labels=labels_for(protocol, "test"))
-    count = len(data.labels) if max_objects is None else min(max_objects, len(data.labels))
-    pairs = RegistrationPairs(data.points[:count], protocol, item_seeds=data.rows[:count])
-    return tuple(torch.stack(x) for x in zip(*(pairs[i] for i in range(count))))
+    return modelnet40_eval.test_pairs(protocol, settings.folder, max_objects)
 
 
 def refined_rows(dcp, layer, source, target, R, t) -> Dict[str, dict]:
@@ -118,19 +114,12 @@ def evaluate_run(settings: TrainSettings, model, max_objects: Optional[int] = No
     """Test metrics of every row (see the module docstring) for one run, the same rows for the
     released DCP-v1 on the same pairs (``"released"``, the starting point of fine-tuning), and the
     number of pairs."""
-    from diffcp.geometry import make_transform
-    from diffcp.models.dcp import load_dcp
+    from diffcp.experiments.modelnet40_eval import _learned
 
     source, target, R, t = test_pairs(settings, max_objects)
     layer = test_time_layer(settings, model)
     trained = refined_rows(lambda x, y: model(x, y, use_icp=False)[0], layer, source, target, R, t)
-    released_dcp = load_dcp("v1").eval()
-
-    def released_pose(x, y):
-        out = released_dcp(x, y)
-        return make_transform(out.rotation, out.translation)
-
-    released = refined_rows(released_pose, layer, source, target, R, t)
+    released = refined_rows(_learned("dcp_v1"), layer, source, target, R, t)
     log(f"{run_name(settings):40s} " + "  ".join(f"{k} {m['rmse_r']:.3f}" for k, m in trained.items()) +
         f"  (rmse_r, {len(source)} pairs; released DCP-v1: {released['dcp']['rmse_r']:.3f})")
     return {"test": trained, "released": released, "pairs": len(source)}

@@ -41,7 +41,7 @@ from diffcp.icp import icp
 from diffcp.settings import DistanceRejection, ICPSettings
 from diffcp.metrics import RECALL_THRESHOLDS, registration_metrics
 
-__all__ = ["refine", "REFINE_SETTINGS", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "main"]
+__all__ = ["test_pairs", "refine", "REFINE_SETTINGS", "REFINE_VARIANTS", "FGR_SETTINGS", "METHODS", "evaluate", "main"]
 
 #: Open3D FGR on FPFH (clouds of ~1024 points on the unit sphere, spacing ~0.05). Checked on 12
 #: validation objects (train split, never test) over fpfh_radius {0.15, 0.25, 0.4} x
@@ -130,14 +130,20 @@ def _metrics(T: Tensor, R: Tensor, t: Tensor) -> Dict[str, object]:
     return registration_metrics(T[:, :3, :3], T[:, :3, 3], R, t).as_dict()
 
 
-def evaluate(protocol_name: str, methods: Sequence[str], folder=None, max_objects: Optional[int] = None,
-             log=print) -> Dict[str, Dict]:
-    """Metrics and seconds per pair of every method (and its ICP refinements) under one protocol."""
-    protocol = get_protocol(protocol_name)
+def test_pairs(protocol, folder=None, max_objects: Optional[int] = None):
+    """``(source, target, R, t)`` stacked: the protocol's pairs of the test split (its labels), each
+    seeded with its object's row in the official test split, as DCP does; the first ``max_objects``."""
     data = load_modelnet40("test", folder, labels=labels_for(protocol, "test"))
     count = len(data.labels) if max_objects is None else min(max_objects, len(data.labels))
     pairs = RegistrationPairs(data.points[:count], protocol, item_seeds=data.rows[:count])
-    source, target, R, t = (torch.stack(x) for x in zip(*(pairs[i] for i in range(count))))
+    return tuple(torch.stack(x) for x in zip(*(pairs[i] for i in range(count))))
+
+
+def evaluate(protocol_name: str, methods: Sequence[str], folder=None, max_objects: Optional[int] = None,
+             log=print) -> Dict[str, Dict]:
+    """Metrics and seconds per pair of every method (and its ICP refinements) under one protocol."""
+    source, target, R, t = test_pairs(get_protocol(protocol_name), folder, max_objects)
+    count = len(source)
     results, timing = {}, {}
     for method in methods:
         initialise = {"identity": _identity, "fgr": _fgr}.get(method) or _learned(method)
