@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..geometry import make_transform
 
-__all__ = ["PoseCNN", "rotation_from_6d", "rotation_to_6d"]
+__all__ = ["PoseCNN", "depth_encoder", "encoder_channels", "rotation_from_6d", "rotation_to_6d"]
 
 
 def rotation_from_6d(x: Tensor) -> Tensor:
@@ -55,6 +55,23 @@ def rotation_to_6d(R: Tensor) -> Tensor:
     return torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1)
 
 
+def encoder_channels(width: int = 16) -> int:
+    """Channels of the last convolution of :func:`depth_encoder`."""
+    return min(width * 2 ** 4, 256)
+
+
+def depth_encoder(in_channels: int, width: int = 16) -> nn.Sequential:
+    """The convolutional trunk shared by the depth networks: five stride-2 convolutions (5x5, then
+    3x3; ``width`` channels doubled four times, at most 256; GroupNorm, ReLU), average-pooled to a
+    4x4 grid and flattened: ``(B, in_channels, H, W) -> (B, 16 * encoder_channels(width))``."""
+    chans = [in_channels] + [min(width * 2 ** i, 256) for i in range(5)]
+    layers = []
+    for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+        k = 5 if i == 0 else 3
+        layers += [nn.Conv2d(cin, cout, k, stride=2, padding=k // 2), nn.GroupNorm(8, cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+
+
 class PoseCNN(nn.Module):
     """Depth-pair pose regressor: ``forward(source_depth, target_depth) -> (B, 4, 4)``.
 
@@ -77,13 +94,8 @@ class PoseCNN(nn.Module):
         if not far > 0 or not scale > 0 or not translation_scale > 0:
             raise ValueError(f"far, scale and translation_scale must be positive; got {far}, {scale}, {translation_scale}.")
         self.far, self.scale, self.translation_scale = float(far), float(scale), float(translation_scale)
-        chans = [2] + [min(width * 2 ** i, 256) for i in range(5)]
-        layers = []
-        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
-            k = 5 if i == 0 else 3
-            layers += [nn.Conv2d(cin, cout, k, stride=2, padding=k // 2), nn.GroupNorm(8, cout), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(chans[-1] * 16, 160), nn.ReLU(inplace=True), nn.Linear(160, 9))
+        self.features = depth_encoder(2, width)
+        self.head = nn.Sequential(nn.Linear(encoder_channels(width) * 16, 160), nn.ReLU(inplace=True), nn.Linear(160, 9))
         with torch.no_grad():  # start at the identity rotation and zero translation
             self.head[-1].weight.mul_(0.01)
             self.head[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0, 0]))

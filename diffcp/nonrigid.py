@@ -1,0 +1,235 @@
+"""Non-rigid ICP: fit the rigid placement, pose and shape of a body model to a depth scan.
+
+The unknowns are the :class:`~diffcp.bodies.placed.BodyParameters` of ``B`` bodies. The fit
+alternates, for ``K`` iterations, the two ICP steps that survive a non-rigid model:
+
+1. **correspond** (soft, as in chapter 2): each scan point ``s_i`` (normal ``n_i``) looks at its
+   ``k`` nearest model vertices under the cost ``c_ij = |s_i - v_j|^2 + w_n |n_i - n_j|^2`` (the
+   normal term keeps a point off the far side of a thin limb) and takes the softmax average
+   ``m_i = sum_j a_ij v_j``, ``a_ij = softmax_j(-c_ij / tau_k)`` and the averaged normal ``n_i'``.
+   ``tau_k`` falls geometrically from ``temperature[0]`` to ``temperature[1]`` (m^2): wide
+   basins first, sharp matches last;
+2. **minimise** ``E = mean_i r_i * rho(e_i) + prior``, with ``e_i = a (n_i' . (s_i - m_i))^2 +
+   (1 - a) |s_i - m_i|^2`` (point-to-plane share ``a``), the Geman-McClure kernel
+   ``rho(e) = (s^2 / 2) e / (s^2 + e)`` (:func:`diffcp.weight.robust_weights`' ``"geman_mcclure"``),
+   soft rejection ``r_i = sigmoid((d_max - sqrt(e_i)) / T)`` (:func:`diffcp.reject.reject_by_distance`)
+   and a Gaussian prior on pose (per-joint scales) and shape (around the mean body). The model is
+   nonlinear in pose and shape, so one *Adam step* on all unknowns replaces the closed-form solve
+   of rigid ICP; the step sizes decay by a cosine from ``learning_rates`` to a tenth of them.
+
+Every operation is differentiable: with ``differentiable=True`` the steps keep their graph
+(``create_graph``), so a loss on the fitted body reaches whatever produced ``init`` - a network
+trained *through* the fit. The rotation is updated as ``R = exp(w) R_0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .bodies.placed import BodyParameters, PlacedBody
+from .minimize.procrustes import procrustes
+from .reject import reject_by_distance
+
+__all__ = ["BodyFitSettings", "BodyFit", "fit_body", "scan_energy", "mean_body_start", "upright_rotation",
+           "vertex_error", "joint_error"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BodyFitSettings:
+    """Options of :func:`fit_body` (lengths in metres, temperatures in m^2)."""
+
+    iterations: int = 15
+    temperature: Tuple[float, float] = (0.05 ** 2, 0.01 ** 2)
+    neighbours: int = 8
+    normal_weight: float = 0.05 ** 2
+    point_to_plane: float = 0.8
+    robust_scale: float = 0.05
+    reject_distance: float = 0.15
+    reject_temperature: float = 0.02
+    pose_prior: float = 1e-5
+    pose_scales: Tuple[float, ...] = (0.15, 0.15, 0.25, 0.25, 0.4, 0.4, 0.4, 0.4, 0.25, 0.25, 0.25, 0.25)
+    shape_prior: float = 1e-5
+    learning_rates: Tuple[float, float] = (0.05, 0.03)  # pose (rad), shape (phenotype units)
+    gradient_floor: float = 1e-3
+
+    def __post_init__(self):
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0; got {self.iterations!r}.")
+        if not (len(self.temperature) == 2 and self.temperature[0] >= self.temperature[1] > 0):
+            raise ValueError(f"temperature must be (start, end) with start >= end > 0 (m^2); got {self.temperature!r}.")
+        if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
+            raise ValueError(f"neighbours must be a positive integer; got {self.neighbours!r}.")
+        if not 0 <= self.point_to_plane <= 1:
+            raise ValueError(f"point_to_plane must lie in [0, 1]; got {self.point_to_plane!r}.")
+        for name in ("robust_scale", "reject_distance", "reject_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}.")
+        if len(self.learning_rates) != 2 or min(self.learning_rates) < 0:
+            raise ValueError(f"learning_rates must be two numbers >= 0 (pose, shape); "
+                             f"got {self.learning_rates!r}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BodyFitSettings":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class BodyFit(NamedTuple):
+    """Result of :func:`fit_body`: the fitted parameters and the energy ``(B,)`` at each iteration
+    ``(K + 1, B)`` (the last row is the energy of the result, at the final temperature)."""
+
+    params: BodyParameters
+    energies: Tensor
+
+
+def _geman_mcclure(e: Tensor, scale: float) -> Tensor:
+    s2 = scale * scale
+    return 0.5 * s2 * e / (s2 + e)
+
+
+class _Matches(NamedTuple):
+    match: Tensor  # (B, P, 3) soft-matched model points m_i
+    normal: Tensor  # (B, P, 3) their unit normals n_i'
+    residual: Tensor  # (B, P) e_i
+    keep: Tensor  # (B, P) soft-rejection weights r_i
+
+
+def _soft_matches(v: Tensor, nv: Tensor, points: Tensor, normals: Tensor, temperature: float,
+                  settings: "BodyFitSettings") -> _Matches:
+    k = min(settings.neighbours, v.shape[1])
+    with torch.no_grad():
+        cost = torch.cdist(points, v).square() + settings.normal_weight * torch.cdist(normals, nv).square()
+        idx = cost.topk(k, dim=-1, largest=False).indices  # (B, P, k)
+    gather = lambda x: torch.gather(x[:, None].expand(-1, idx.shape[1], -1, -1), 2,  # noqa: E731
+                                    idx[..., None].expand(-1, -1, -1, 3))
+    vk, nk = gather(v), gather(nv)
+    c = (points[:, :, None] - vk).square().sum(-1) + settings.normal_weight * (normals[:, :, None] - nk).square().sum(-1)
+    a = torch.softmax(-c / temperature, dim=-1)[..., None]
+    match, n_match = (a * vk).sum(2), (a * nk).sum(2)
+    n_match = n_match / n_match.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    diff = points - match
+    alpha = settings.point_to_plane
+    e = alpha * (diff * n_match).sum(-1).square() + (1 - alpha) * diff.square().sum(-1)
+    keep = reject_by_distance(e, settings.reject_distance, settings.reject_temperature)
+    return _Matches(match, n_match, e, keep)
+
+
+def scan_energy(placed: PlacedBody, params: BodyParameters, points: Tensor, normals: Tensor,
+                temperature: float, settings: BodyFitSettings) -> Tensor:
+    """The fit's energy ``(B,)`` of ``params`` against scans ``points``, ``normals`` ``(B, P, 3)``."""
+    mesh = placed.mesh(params)
+    m = _soft_matches(mesh.vertices, mesh.normals, points, normals, temperature, settings)
+    data = (m.keep * _geman_mcclure(m.residual, settings.robust_scale)).mean(-1)
+    scales = params.pose.new_tensor(settings.pose_scales)
+    prior = settings.pose_prior * (params.pose / scales[:, None]).square().mean((-1, -2))
+    prior = prior + settings.shape_prior * ((params.shape - 0.5) / 0.29).square().mean(-1)
+    return data + prior
+
+
+def _check_scan(points: Tensor, normals: Tensor, init: BodyParameters) -> None:
+    if not isinstance(points, Tensor) or points.dim() != 3 or points.shape[-1] != 3:
+        raise ValueError(f"points must be a tensor of shape (B, P, 3); got {getattr(points, 'shape', type(points).__name__)}.")
+    if not isinstance(normals, Tensor) or normals.shape != points.shape:
+        raise ValueError(f"normals must have the shape of points {tuple(points.shape)}; "
+                         f"got {getattr(normals, 'shape', type(normals).__name__)}.")
+    if not isinstance(init, BodyParameters) or init.root.shape != (points.shape[0], 3):
+        raise ValueError(f"init must be BodyParameters for {points.shape[0]} bodies (root (B, 3)); "
+                         f"got {getattr(getattr(init, 'root', None), 'shape', type(init).__name__)}.")
+
+
+def _rigid_step(placed: PlacedBody, params: BodyParameters, points: Tensor, normals: Tensor, temperature: float,
+                settings: BodyFitSettings) -> BodyParameters:
+    """One rigid ICP step: soft matches, IRLS weights, closed-form Procrustes; the body moves rigidly."""
+    mesh = placed.mesh(params)
+    m = _soft_matches(mesh.vertices, mesh.normals, points, normals, temperature, settings)
+    s2 = settings.robust_scale ** 2
+    weights = m.keep * (s2 / (s2 + m.residual)) ** 2  # Geman-McClure's IRLS weight
+    G = procrustes(m.match, points, weights)
+    return params._replace(rotation=G.rotation @ params.rotation,
+                           root=(G.rotation @ params.root[..., None])[..., 0] + G.translation)
+
+
+def _temperatures(settings: BodyFitSettings) -> list:
+    K, (t0, t1) = max(settings.iterations, 1), settings.temperature
+    return [t0 * (t1 / t0) ** (k / max(K - 1, 1)) for k in range(K)]
+
+
+def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyParameters,
+             settings: BodyFitSettings = BodyFitSettings(), *, differentiable: bool = False) -> BodyFit:
+    """Fit ``B`` bodies to scans ``points``, ``normals`` ``(B, P, 3)`` (camera frame) from ``init``.
+
+    Each iteration is a rigid ICP step (soft matches, Procrustes) and then an Adam step on pose and
+    shape against :func:`scan_energy`. With ``differentiable=False`` the result is detached from
+    ``init``; with ``True`` the unrolled steps keep their graph (memory grows with the iterations).
+
+    Example: see chapter 12 (the body model needs anny's cache).
+    """
+    _check_scan(points, normals, init)
+    taus = _temperatures(settings)
+    params = init if differentiable else init.detach()
+    J = params.pose.shape[1]
+    x = torch.cat([params.pose.flatten(1), params.shape], dim=1)
+    lr = x.new_tensor([settings.learning_rates[0]] * (3 * J) + [settings.learning_rates[1]] * params.shape.shape[1])
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    energies = []
+    K = settings.iterations
+    with torch.enable_grad():
+        for k in range(K):
+            params = _rigid_step(placed, params, points, normals, taus[k], settings)
+            # the pose/shape step differentiates the energy with the body's placement held fixed: a
+            # fresh node (a clone) separates this step's unknowns from the rigid step's inputs
+            keep_graph = differentiable and x.requires_grad
+            x = x.clone() if keep_graph else x.detach().requires_grad_(True)
+            params = params if differentiable else params.detach()
+            params = params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
+            energy = scan_energy(placed, params, points, normals, taus[k], settings)
+            energies.append(energy.detach())
+            (g,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            m_hat, v_hat = m / (1 - 0.9 ** (k + 1)), v / (1 - 0.999 ** (k + 1))
+            step = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(K, 1))))
+            x = x - step * m_hat / (v_hat + settings.gradient_floor ** 2).sqrt()
+            if not keep_graph:
+                x, m, v = x.detach(), m.detach(), v.detach()
+            params = params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
+        with torch.no_grad():
+            energies.append(scan_energy(placed, params, points, normals, taus[-1], settings))
+    return BodyFit(params if differentiable else params.detach(), torch.stack(energies))
+
+
+def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(3, 3)``: the anny body (``+z`` up, facing ``-y``) upright in a camera frame (``y`` down,
+    ``+z`` forward) facing the camera, then turned by ``azimuth_deg`` about its own up axis."""
+    facing = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
+    a = math.radians(azimuth_deg)
+    turn = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], dtype=torch.float64)
+    return (facing @ turn).to(dtype)
+
+
+def mean_body_start(placed: PlacedBody, points: Tensor, azimuth_deg: float = 0.0, depth_offset: float = 0.1) -> BodyParameters:
+    """The start of the fit without a network: the mean body in the rest pose, upright, turned by
+    ``azimuth_deg``, its root at the scan's centroid pushed ``depth_offset`` metres away from the camera."""
+    centroid = points.mean(1)
+    root = centroid + depth_offset * centroid / centroid.norm(dim=-1, keepdim=True)
+    B = points.shape[0]
+    rot = upright_rotation(azimuth_deg, points.dtype).expand(B, 3, 3).clone()
+    return placed.rest(B, rotation=rot, root=root)
+
+
+def vertex_error(predicted: Tensor, expected: Tensor) -> Tensor:
+    """Mean per-vertex Euclidean distance ``(B,)`` between ``(B, V, 3)`` meshes (the units of the input)."""
+    return (predicted - expected).norm(dim=-1).mean(-1)
+
+
+def joint_error(predicted: Tensor, expected: Tensor) -> Tensor:
+    """Mean per-joint Euclidean distance ``(B,)`` between ``(B, M, 3)`` joint sets."""
+    return (predicted - expected).norm(dim=-1).mean(-1)
