@@ -186,8 +186,8 @@ def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyPara
             params = _rigid_step(placed, params, points, normals, taus[k], settings)
             # the pose/shape step differentiates the energy with the body's placement held fixed: a
             # fresh node (a clone) separates this step's unknowns from the rigid step's inputs
-            keep_graph = differentiable and x.requires_grad
-            x = x.clone() if keep_graph else x.detach().requires_grad_(True)
+            keep_graph = differentiable
+            x = x.clone() if (keep_graph and x.requires_grad) else x.detach().requires_grad_(True)
             params = params if differentiable else params.detach()
             params = params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
             energy = scan_energy(placed, params, points, normals, taus[k], settings)
