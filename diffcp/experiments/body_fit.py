@@ -6,7 +6,9 @@ Two commands (``python -m diffcp.experiments.body_fit {train,evaluate} --help``)
   (:mod:`diffcp.datasets.body_scans`). The loss is the mean vertex error plus the mean joint
   error (metres) of the body the network predicts (``--method alone``) or of the body after
   ``--fit-iterations`` differentiable steps of :func:`diffcp.nonrigid.fit_body` started from that
-  prediction (``--method end_to_end``; gradients flow through the unrolled fit). ``--init RUN``
+  prediction (``--method end_to_end``; gradients flow through the unrolled fit), plus
+  ``parameter_weight`` times the squared errors of rotation, pose and shape (the same loss on
+  the final output of either method). ``--init RUN``
   starts from another run's weights. One thread, seeded batch order, gradient norm clipped to
   ``clip_norm`` in both methods; ``RUN/checkpoint.pt`` is written atomically every epoch and a run
   resumes from it to the same weights.
@@ -54,6 +56,7 @@ class TrainSettings:
     batch_size: int = 32
     lr: float = 1e-3
     clip_norm: float = 1.0
+    parameter_weight: float = 0.1
     seed: int = 0
     fit_iterations: int = 5
     train_limit: Optional[int] = None
@@ -83,9 +86,16 @@ def _params(arrays: Dict[str, Tensor], index=slice(None)) -> BodyParameters:
     return BodyParameters(arrays["rotation"][index], arrays["root"][index], arrays["pose"][index], arrays["shape"][index])
 
 
-def _loss(placed: PlacedBody, params: BodyParameters, arrays: Dict[str, Tensor], index: Tensor) -> Tensor:
+def _loss(placed: PlacedBody, params: BodyParameters, arrays: Dict[str, Tensor], index: Tensor,
+          parameter_weight: float) -> Tensor:
+    """Mean vertex error + mean joint error (m) + ``parameter_weight`` times the squared errors of
+    the parameters (rotation: squared Frobenius distance; pose, shape: mean squared difference)."""
     mesh = placed.mesh(params)
-    return (vertex_error(mesh.vertices, arrays["vertices"][index]) + joint_error(mesh.joints, arrays["joints"][index])).mean()
+    loss = vertex_error(mesh.vertices, arrays["vertices"][index]) + joint_error(mesh.joints, arrays["joints"][index])
+    truth = _params(arrays, index)
+    parameters = ((params.rotation - truth.rotation).square().sum((-1, -2)) + (params.pose - truth.pose).square().mean((-1, -2))
+                  + (params.shape - truth.shape).square().mean(-1))
+    return (loss + parameter_weight * parameters).mean()
 
 
 def _step_loss(net, placed, arrays, index, K, settings: TrainSettings) -> Tensor:
@@ -93,7 +103,7 @@ def _step_loss(net, placed, arrays, index, K, settings: TrainSettings) -> Tensor
     if settings.method == "end_to_end":
         fit = BodyFitSettings(iterations=settings.fit_iterations)
         params = fit_body(placed, arrays["points"][index], arrays["normals"][index], params, fit, differentiable=True).params
-    return _loss(placed, params, arrays, index)
+    return _loss(placed, params, arrays, index, settings.parameter_weight)
 
 
 def _data_sha(root) -> str:
