@@ -43,7 +43,8 @@ __all__ = ["BodyFitSettings", "BodyFit", "fit_body", "scan_energy", "mean_body_s
 class BodyFitSettings:
     """Options of :func:`fit_body` (lengths in metres, temperatures in m^2)."""
 
-    iterations: int = 15
+    iterations: int = 20
+    rigid_iterations: int = 5
     temperature: Tuple[float, float] = (0.05 ** 2, 0.01 ** 2)
     neighbours: int = 8
     normal_weight: float = 0.05 ** 2
@@ -51,10 +52,11 @@ class BodyFitSettings:
     robust_scale: float = 0.05
     reject_distance: float = 0.15
     reject_temperature: float = 0.02
+    model_to_scan: float = 0.5
     pose_prior: float = 1e-5
     pose_scales: Tuple[float, ...] = (0.15, 0.15, 0.25, 0.25, 0.4, 0.4, 0.4, 0.4, 0.25, 0.25, 0.25, 0.25)
     shape_prior: float = 1e-5
-    learning_rates: Tuple[float, float] = (0.05, 0.03)  # pose (rad), shape (phenotype units)
+    learning_rates: Tuple[float, float] = (0.1, 0.03)  # pose (rad), shape (phenotype units)
     gradient_floor: float = 1e-3
 
     def __post_init__(self):
@@ -121,12 +123,27 @@ def _soft_matches(v: Tensor, nv: Tensor, points: Tensor, normals: Tensor, temper
     return _Matches(match, n_match, e, keep)
 
 
+def _model_to_scan(v: Tensor, nv: Tensor, points: Tensor, temperature: float, settings: BodyFitSettings) -> Tensor:
+    """``(B,)``: the robust distance of each model vertex that faces the camera (soft weight
+    ``sigmoid(-n.v/|v| / 0.1)``) to its soft-nearest scan point, averaged over those vertices."""
+    k = min(settings.neighbours, points.shape[1])
+    with torch.no_grad():
+        idx = torch.cdist(v, points).topk(k, dim=-1, largest=False).indices  # (B, V, k)
+    pk = torch.gather(points[:, None].expand(-1, v.shape[1], -1, -1), 2, idx[..., None].expand(-1, -1, -1, 3))
+    d2 = (v[:, :, None] - pk).square().sum(-1)
+    near = (torch.softmax(-d2 / temperature, dim=-1) * d2).sum(-1)
+    facing = torch.sigmoid(-(nv * v).sum(-1) / v.norm(dim=-1).clamp_min(1e-9) / 0.1)
+    return (facing * _geman_mcclure(near, settings.robust_scale)).sum(-1) / facing.sum(-1).clamp_min(1e-9)
+
+
 def scan_energy(placed: PlacedBody, params: BodyParameters, points: Tensor, normals: Tensor,
                 temperature: float, settings: BodyFitSettings) -> Tensor:
     """The fit's energy ``(B,)`` of ``params`` against scans ``points``, ``normals`` ``(B, P, 3)``."""
     mesh = placed.mesh(params)
     m = _soft_matches(mesh.vertices, mesh.normals, points, normals, temperature, settings)
     data = (m.keep * _geman_mcclure(m.residual, settings.robust_scale)).mean(-1)
+    if settings.model_to_scan > 0:
+        data = data + settings.model_to_scan * _model_to_scan(mesh.vertices, mesh.normals, points, temperature, settings)
     scales = params.pose.new_tensor(settings.pose_scales)
     prior = settings.pose_prior * (params.pose / scales[:, None]).square().mean((-1, -2))
     prior = prior + settings.shape_prior * ((params.shape - 0.5) / 0.29).square().mean(-1)
@@ -184,6 +201,9 @@ def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyPara
     with torch.enable_grad():
         for k in range(K):
             params = _rigid_step(placed, params, points, normals, taus[k], settings)
+            if k < settings.rigid_iterations:
+                energies.append(scan_energy(placed, params, points, normals, taus[k], settings).detach())
+                continue
             # the pose/shape step differentiates the energy with the body's placement held fixed: a
             # fresh node (a clone) separates this step's unknowns from the rigid step's inputs
             keep_graph = differentiable
@@ -195,8 +215,10 @@ def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyPara
             (g,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
             m = 0.9 * m + 0.1 * g
             v = 0.999 * v + 0.001 * g * g
-            m_hat, v_hat = m / (1 - 0.9 ** (k + 1)), v / (1 - 0.999 ** (k + 1))
-            step = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(K, 1))))
+            n = k + 1 - settings.rigid_iterations
+            m_hat, v_hat = m / (1 - 0.9 ** n), v / (1 - 0.999 ** n)
+            phase = (k - settings.rigid_iterations) / max(K - settings.rigid_iterations, 1)
+            step = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * phase)))
             x = x - step * m_hat / (v_hat + settings.gradient_floor ** 2).sqrt()
             if not keep_graph:
                 x, m, v = x.detach(), m.detach(), v.detach()
