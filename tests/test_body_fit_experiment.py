@@ -97,3 +97,23 @@ def test_cli_writes_a_results_file_of_record(data, tmp_path, capsys):
         load_network(tmp_path)
     with pytest.raises(ValueError, match="method must be"):
         TrainSettings(method="joint")
+
+
+def test_parts_evaluated_apart_merge_into_one_results_file(data, tmp_path):
+    for name in ("a", "b"):
+        body_fit.main(["train", "--data", str(data), "--out", str(tmp_path / name), "--epochs", "1", "--batch-size", "4",
+                       "--no-progress"])
+    common = ["evaluate", "--data", str(data), "--alone", str(tmp_path / "a"), "--end-to-end", str(tmp_path / "b"),
+              "--limit", "3", "--no-progress"]
+    body_fit.main(common + ["--methods", "network", "--part", str(tmp_path / "p1.json")])
+    body_fit.main(common + ["--methods", "network_then_fit", "--part", str(tmp_path / "p2.json")])
+    body_fit.main(["merge", str(tmp_path / "p1.json"), str(tmp_path / "p2.json"), "--into", str(tmp_path / "all.json")])
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert set(merged["per_scan"]) == {"condition", "network", "network_then_fit"}
+    assert [m["worse"] for m in merged["margins"]] == ["network"]
+    assert [p["methods"] for p in merged["parts"]] == [["network"], ["network_then_fit"]]
+    other = json.loads((tmp_path / "p2.json").read_text())
+    other["runs"]["alone"]["weights_sha256"] = "0" * 64
+    (tmp_path / "p3.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="parts must share one runs"):
+        body_fit.main(["merge", str(tmp_path / "p1.json"), str(tmp_path / "p3.json"), "--into", str(tmp_path / "x.json")])

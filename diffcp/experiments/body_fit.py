@@ -16,7 +16,9 @@ Two commands (``python -m diffcp.experiments.body_fit {train,evaluate} --help``)
   vertex and joint errors (mm) and success rates of: the network alone; the fit alone from the
   mean body (one upright start facing the camera, and the best of four starts by final energy);
   the network followed by the fit at test time; the network trained through the fit, followed
-  by the fit. Writes ``book/_data/body_fit.json`` with the provenance of every run.
+  by the fit. Writes ``book/_data/body_fit.json`` with the provenance of every run. ``--methods``
+  with ``--part FILE`` evaluates some methods only; ``merge PART...`` joins such parts (same data,
+  networks and fit settings) into the results file, keeping each part's provenance.
 """
 
 from __future__ import annotations
@@ -287,7 +289,13 @@ def _parse(argv):
     e.add_argument("--end-to-end", required=True, help="run folder of the network trained through the fit")
     e.add_argument("--into", default="book/_data/body_fit.json")
     e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="evaluate only these (with --part, to share the work between processes)")
+    e.add_argument("--part", default=None, help="write these methods' per-scan rows here instead of --into")
     e.add_argument("--no-progress", action="store_true")
+    m = sub.add_parser("merge", help="merge --part files of one dataset and one pair of networks into --into")
+    m.add_argument("parts", nargs="+")
+    m.add_argument("--into", default="book/_data/body_fit.json")
     return p.parse_args(argv)
 
 
@@ -298,21 +306,54 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
         train(args.data, args.out, settings, progress=not args.no_progress, command=command)
         return 0
+    if args.command == "merge":
+        return _merge(args.parts, args.into, command)
     started = time.time()
     nets, runs = {}, {}
     for name, run in (("alone", args.alone), ("end_to_end", args.end_to_end)):
         nets[name], runs[name] = load_network(run)
     fit_settings = BodyFitSettings()
-    per_scan = evaluate(args.data, nets, fit_settings, limit=args.limit, progress=not args.no_progress)
+    per_scan = evaluate(args.data, nets, fit_settings, methods=args.methods, limit=args.limit,
+                        progress=not args.no_progress)
     manifest, _ = load_scans(args.data, "test", limit=1)
-    margins = [_paired_margin(per_scan, "network_then_fit", m) for m in ("network", "fit_mean_body", "fit_mean_body_best_of_4")]
-    margins.append(_paired_margin(per_scan, "end_to_end_then_fit", "network_then_fit"))
-    write_result(args.into, {"summary": summarise(per_scan), "margins": margins, "per_scan": per_scan,
-                             "fit_settings": fit_settings.to_dict(), "thresholds_mm": list(THRESHOLDS_MM),
-                             "dataset": {"manifest_sha256": _data_sha(args.data), "command": manifest["command"],
-                                         "settings": manifest["settings"], "splits": manifest["splits"]},
-                             "runs": runs}, command=command, started=started)
-    print(json.dumps({"summary": summarise(per_scan), "margins": margins}, indent=1))
+    record = {"per_scan": per_scan, "fit_settings": fit_settings.to_dict(), "thresholds_mm": list(THRESHOLDS_MM),
+              "dataset": {"manifest_sha256": _data_sha(args.data), "command": manifest["command"],
+                          "settings": manifest["settings"], "splits": manifest["splits"]}, "runs": runs}
+    if args.part is not None:
+        write_result(args.part, record, command=command, started=started)
+        return 0
+    write_result(args.into, _with_summary(record), command=command, started=started)
+    print(json.dumps({k: _with_summary(record)[k] for k in ("summary", "margins")}, indent=1))
+    return 0
+
+
+def _with_summary(record: dict) -> dict:
+    per_scan = record["per_scan"]
+    margins = [_paired_margin(per_scan, "network_then_fit", m) for m in ("network", "fit_mean_body", "fit_mean_body_best_of_4")
+               if m in per_scan and "network_then_fit" in per_scan]
+    if "end_to_end_then_fit" in per_scan and "network_then_fit" in per_scan:
+        margins.append(_paired_margin(per_scan, "end_to_end_then_fit", "network_then_fit"))
+    return {"summary": summarise(per_scan), "margins": margins, **record}
+
+
+def _merge(parts: Sequence[str], into: str, command: Sequence[str]) -> int:
+    """One results file from ``--part`` files of the same dataset, networks and fit settings."""
+    records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in parts]
+    first = records[0]
+    for path, r in zip(parts, records):
+        for key in ("dataset", "runs", "fit_settings"):
+            if r[key] != first[key]:
+                raise ValueError(f"parts must share one {key}; {path!r} differs from {parts[0]!r}.")
+        if r["per_scan"]["condition"] != first["per_scan"]["condition"]:
+            raise ValueError(f"parts must cover the same test scans; {path!r} differs from {parts[0]!r}.")
+    per_scan = {"condition": first["per_scan"]["condition"]}
+    for r in records:
+        per_scan.update({k: v for k, v in r["per_scan"].items() if k != "condition"})
+    record = {k: first[k] for k in ("fit_settings", "thresholds_mm", "dataset", "runs")}
+    record.update(per_scan=per_scan, parts=[{"file": Path(p).name, "methods": [k for k in r["per_scan"] if k != "condition"],
+                                             "provenance": r["provenance"]} for p, r in zip(parts, records)])
+    write_result(into, _with_summary(record), command=command)
+    print(json.dumps({k: _with_summary(record)[k] for k in ("summary", "margins")}, indent=1))
     return 0
 
 
