@@ -199,6 +199,9 @@ def load_network(run_or_weights, manifest: Optional[dict] = None):
     net = BodyCNN(len(scales), state["head.2.bias"].shape[0] - 9 - 3 * len(scales), scales)
     net.load_state_dict(state)
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    init = info.get("settings", {}).get("init")
+    if init and (Path(init) / "run.json").is_file():  # the run this one started from, for the record
+        info["init_run"] = json.loads((Path(init) / "run.json").read_text(encoding="utf-8"))
     return net.eval(), info
 
 
