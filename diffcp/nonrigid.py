@@ -36,15 +36,18 @@ from .minimize.procrustes import procrustes
 from .reject import reject_by_distance
 
 __all__ = ["BodyFitSettings", "BodyFit", "fit_body", "scan_energy", "mean_body_start", "upright_rotation",
-           "vertex_error", "joint_error"]
+           "vertex_error", "joint_error", "pose_shape_jacobian"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BodyFitSettings:
     """Options of :func:`fit_body` (lengths in metres, temperatures in m^2)."""
 
-    iterations: int = 20
+    iterations: int = 10
     rigid_iterations: int = 5
+    minimiser: str = "gauss_newton"
+    damping: float = 0.1
+    max_step: float = 0.3
     temperature: Tuple[float, float] = (0.05 ** 2, 0.01 ** 2)
     neighbours: int = 8
     normal_weight: float = 0.05 ** 2
@@ -66,6 +69,8 @@ class BodyFitSettings:
             raise ValueError(f"temperature must be (start, end) with start >= end > 0 (m^2); got {self.temperature!r}.")
         if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
             raise ValueError(f"neighbours must be a positive integer; got {self.neighbours!r}.")
+        if self.minimiser not in ("gauss_newton", "adam"):
+            raise ValueError(f"minimiser must be 'gauss_newton' or 'adam'; got {self.minimiser!r}.")
         if not 0 <= self.point_to_plane <= 1:
             raise ValueError(f"point_to_plane must lie in [0, 1]; got {self.point_to_plane!r}.")
         for name in ("robust_scale", "reject_distance", "reject_temperature"):
@@ -97,6 +102,8 @@ def _geman_mcclure(e: Tensor, scale: float) -> Tensor:
 
 
 class _Matches(NamedTuple):
+    index: Tensor  # (B, P, k) the candidate vertices of each scan point
+    soft: Tensor  # (B, P, k) their soft weights a_ij
     match: Tensor  # (B, P, 3) soft-matched model points m_i
     normal: Tensor  # (B, P, 3) their unit normals n_i'
     residual: Tensor  # (B, P) e_i
@@ -115,12 +122,13 @@ def _soft_matches(v: Tensor, nv: Tensor, points: Tensor, normals: Tensor, temper
     c = (points[:, :, None] - vk).square().sum(-1) + settings.normal_weight * (normals[:, :, None] - nk).square().sum(-1)
     a = torch.softmax(-c / temperature, dim=-1)[..., None]
     match, n_match = (a * vk).sum(2), (a * nk).sum(2)
+    soft = a[..., 0]
     n_match = n_match / n_match.norm(dim=-1, keepdim=True).clamp_min(1e-9)
     diff = points - match
     alpha = settings.point_to_plane
     e = alpha * (diff * n_match).sum(-1).square() + (1 - alpha) * diff.square().sum(-1)
     keep = reject_by_distance(e, settings.reject_distance, settings.reject_temperature)
-    return _Matches(match, n_match, e, keep)
+    return _Matches(idx, soft, match, n_match, e, keep)
 
 
 def _model_to_scan(v: Tensor, nv: Tensor, points: Tensor, temperature: float, settings: BodyFitSettings) -> Tensor:
@@ -178,54 +186,122 @@ def _temperatures(settings: BodyFitSettings) -> list:
     return [t0 * (t1 / t0) ** (k / max(K - 1, 1)) for k in range(K)]
 
 
+def _flat(params: BodyParameters) -> Tensor:
+    return torch.cat([params.pose.flatten(1), params.shape], dim=1)
+
+
+def _unflat(params: BodyParameters, x: Tensor) -> BodyParameters:
+    J = params.pose.shape[1]
+    return params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
+
+
+def pose_shape_jacobian(placed: PlacedBody, params: BodyParameters) -> Tensor:
+    """``(B, V, 3, D)``: the derivative of the camera-frame vertices with respect to the ``D = 3J + S``
+    pose and shape parameters, by forward-mode differentiation (one tangent per parameter, as a
+    batch of ``B * D`` bodies). Not differentiable itself (computed on detached parameters)."""
+    params = params.detach()
+    B, x = params.root.shape[0], _flat(params.detach())
+    D = x.shape[1]
+    repeat = BodyParameters(*(t.repeat_interleave(D, 0) for t in params))
+
+    def vertices(xx):
+        return placed.mesh(_unflat(repeat, xx)).vertices
+
+    tangents = torch.eye(D, dtype=x.dtype).repeat(B, 1)
+    with torch.no_grad():
+        _, jv = torch.func.jvp(vertices, (x.repeat_interleave(D, 0),), (tangents,))
+    return jv.reshape(B, D, -1, 3).permute(0, 2, 3, 1)
+
+
+def _prior_terms(params: BodyParameters, settings: BodyFitSettings):
+    """Gradient ``(B, D)`` and diagonal Hessian ``(D,)`` of the pose and shape prior of :func:`scan_energy`."""
+    J, S = params.pose.shape[1], params.shape.shape[1]
+    scales = params.pose.new_tensor(settings.pose_scales).repeat_interleave(3)
+    hess = torch.cat([2 * settings.pose_prior / (3 * J) / scales ** 2,
+                      params.shape.new_full((S,), 2 * settings.shape_prior / (S * 0.29 ** 2))])
+    return hess * torch.cat([params.pose.flatten(1), params.shape - 0.5], dim=1), hess
+
+
+def _gauss_newton_step(placed: PlacedBody, params: BodyParameters, points: Tensor, normals: Tensor,
+                       temperature: float, settings: BodyFitSettings) -> BodyParameters:
+    """One damped Gauss-Newton step on pose and shape with the placement held fixed: the residuals
+    of :func:`scan_energy`'s data term (point-to-plane and point-to-point, IRLS weights of the
+    robust kernel times soft rejection), linearised through :func:`pose_shape_jacobian`. In a
+    differentiable fit the Jacobian is a constant of the backward pass."""
+    mesh = placed.mesh(params)
+    m = _soft_matches(mesh.vertices, mesh.normals, points, normals, temperature, settings)
+    jac = pose_shape_jacobian(placed, params)
+    B, P, k = m.index.shape
+    D = jac.shape[-1]
+    jk = torch.gather(jac[:, None].expand(-1, P, -1, -1, -1), 2, m.index[..., None, None].expand(-1, -1, -1, 3, D))
+    jm = (m.soft.detach()[..., None, None] * jk).sum(2)  # (B, P, 3, D): d m_i / d x
+    alpha = settings.point_to_plane
+    diff = points - m.match
+    r = torch.cat([alpha ** 0.5 * (diff * m.normal).sum(-1, keepdim=True), (1 - alpha) ** 0.5 * diff], dim=-1)
+    jr = -torch.cat([alpha ** 0.5 * (m.normal.detach()[..., None] * jm).sum(2, keepdim=True), (1 - alpha) ** 0.5 * jm], dim=2)
+    s2 = settings.robust_scale ** 2
+    w = m.keep * (s2 / (s2 + m.residual)) ** 2
+    g_prior, h_prior = _prior_terms(params, settings)
+    H = torch.einsum("bp,bpcd,bpce->bde", w, jr, jr) / P + torch.diag_embed(h_prior.expand(B, -1))
+    g = torch.einsum("bp,bpcd,bpc->bd", w, jr, r) / P + g_prior
+    H = H + settings.damping * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1)) + 1e-9 * torch.eye(D, dtype=H.dtype)
+    step = -torch.linalg.solve(H, g[..., None])[..., 0]
+    return _unflat(params, _flat(params) + step.clamp(-settings.max_step, settings.max_step))
+
+
 def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyParameters,
              settings: BodyFitSettings = BodyFitSettings(), *, differentiable: bool = False) -> BodyFit:
     """Fit ``B`` bodies to scans ``points``, ``normals`` ``(B, P, 3)`` (camera frame) from ``init``.
 
-    Each iteration is a rigid ICP step (soft matches, Procrustes) and then an Adam step on pose and
-    shape against :func:`scan_energy`. With ``differentiable=False`` the result is detached from
-    ``init``; with ``True`` the unrolled steps keep their graph (memory grows with the iterations).
+    Each iteration is a rigid ICP step (soft matches, Procrustes) and then, after the first
+    ``settings.rigid_iterations``, a step on pose and shape: damped Gauss-Newton
+    (``settings.minimiser == "gauss_newton"``) or Adam on :func:`scan_energy` (``"adam"``). With
+    ``differentiable=False`` the result is detached from ``init``; with ``True`` the unrolled
+    steps keep their graph (memory grows with the iterations).
 
     Example: see chapter 12 (the body model needs anny's cache).
     """
     _check_scan(points, normals, init)
     taus = _temperatures(settings)
     params = init if differentiable else init.detach()
-    J = params.pose.shape[1]
-    x = torch.cat([params.pose.flatten(1), params.shape], dim=1)
-    lr = x.new_tensor([settings.learning_rates[0]] * (3 * J) + [settings.learning_rates[1]] * params.shape.shape[1])
-    m = torch.zeros_like(x)
-    v = torch.zeros_like(x)
+    adam = _AdamState(_flat(params), settings) if settings.minimiser == "adam" else None
     energies = []
-    K = settings.iterations
     with torch.enable_grad():
-        for k in range(K):
+        for k in range(settings.iterations):
             params = _rigid_step(placed, params, points, normals, taus[k], settings)
-            if k < settings.rigid_iterations:
-                energies.append(scan_energy(placed, params, points, normals, taus[k], settings).detach())
-                continue
-            # the pose/shape step differentiates the energy with the body's placement held fixed: a
-            # fresh node (a clone) separates this step's unknowns from the rigid step's inputs
-            keep_graph = differentiable
-            x = x.clone() if (keep_graph and x.requires_grad) else x.detach().requires_grad_(True)
             params = params if differentiable else params.detach()
-            params = params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
-            energy = scan_energy(placed, params, points, normals, taus[k], settings)
-            energies.append(energy.detach())
-            (g,) = torch.autograd.grad(energy.sum(), x, create_graph=keep_graph)
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * g * g
-            n = k + 1 - settings.rigid_iterations
-            m_hat, v_hat = m / (1 - 0.9 ** n), v / (1 - 0.999 ** n)
-            phase = (k - settings.rigid_iterations) / max(K - settings.rigid_iterations, 1)
-            step = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * phase)))
-            x = x - step * m_hat / (v_hat + settings.gradient_floor ** 2).sqrt()
-            if not keep_graph:
-                x, m, v = x.detach(), m.detach(), v.detach()
-            params = params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
+            if k >= settings.rigid_iterations and adam is None:
+                params = _gauss_newton_step(placed, params, points, normals, taus[k], settings)
+            elif k >= settings.rigid_iterations:
+                params = adam.step(placed, params, points, normals, taus[k], k - settings.rigid_iterations, differentiable)
+            params = params if differentiable else params.detach()
+            with torch.no_grad():
+                energies.append(scan_energy(placed, params, points, normals, taus[k], settings))
         with torch.no_grad():
             energies.append(scan_energy(placed, params, points, normals, taus[-1], settings))
-    return BodyFit(params if differentiable else params.detach(), torch.stack(energies))
+    return BodyFit(params, torch.stack(energies))
+
+
+class _AdamState:
+    """Adam on pose and shape against :func:`scan_energy` (the first-order alternative)."""
+
+    def __init__(self, x: Tensor, settings: BodyFitSettings):
+        self.settings, self.m, self.v = settings, torch.zeros_like(x.detach()), torch.zeros_like(x.detach())
+        J = (x.shape[1] - 6) // 3
+        self.lr = x.new_tensor([settings.learning_rates[0]] * (3 * J) + [settings.learning_rates[1]] * (x.shape[1] - 3 * J))
+
+    def step(self, placed, params, points, normals, temperature, n, differentiable):
+        s = self.settings
+        x = _flat(params)
+        # a fresh node (a clone) separates this step's unknowns from the rigid step's inputs
+        x = x.clone() if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
+        energy = scan_energy(placed, _unflat(params, x), points, normals, temperature, s)
+        (g,) = torch.autograd.grad(energy.sum(), x, create_graph=differentiable)
+        self.m, self.v = 0.9 * self.m + 0.1 * g, 0.999 * self.v + 0.001 * g * g
+        m_hat, v_hat = self.m / (1 - 0.9 ** (n + 1)), self.v / (1 - 0.999 ** (n + 1))
+        phase = n / max(s.iterations - s.rigid_iterations, 1)
+        lr = self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * phase)))
+        return _unflat(params, x - lr * m_hat / (v_hat + s.gradient_floor ** 2).sqrt())
 
 
 def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -104,13 +104,14 @@ def test_mean_body_start_is_upright_at_the_scan(scans, placed):
 
 
 def test_fit_is_differentiable_in_its_start_and_matches_finite_differences(scans):
-    """d(vertex error after 2 fit steps)/d(start root), through the unrolled fit, against central
-    differences, in float64 and with every vertex a candidate match (no top-k switch, a smooth map)."""
+    """d(vertex error after 2 fit iterations with Adam steps)/d(start root), through the unrolled fit,
+    against central differences, in float64 and with every vertex a candidate match (no top-k
+    switch, a smooth map)."""
     from diffcp.bodies.anny import LOW_RESOLUTION, AnnyBody
 
     placed = PlacedBody(AnnyBody(topology=LOW_RESOLUTION, dtype=torch.float64))
     s = {k: scans[k][:1].double() for k in ("rotation", "root", "pose", "shape", "points", "normals", "vertices")}
-    settings = BodyFitSettings(iterations=2, neighbours=placed.body.num_vertices)
+    settings = BodyFitSettings(iterations=2, rigid_iterations=0, minimiser="adam", neighbours=placed.body.num_vertices)
 
     def loss(root):
         start = BodyParameters(s["rotation"], root, 0.5 * s["pose"], s["shape"])
@@ -139,3 +140,41 @@ def test_settings_and_inputs_are_checked(scans, placed):
         fit_body(placed, scans["points"], scans["normals"][:, :10], _truth(scans))
     with pytest.raises(ValueError, match="init must be BodyParameters for 6 bodies"):
         fit_body(placed, scans["points"], scans["normals"], _truth(scans).index(slice(0, 2)))
+
+
+def test_gauss_newton_backward_treats_the_jacobian_as_constant_and_stays_close(scans):
+    """Through Gauss-Newton steps the gradient is approximate (the Jacobian is a constant of the
+    backward pass): it must point about the same way as central differences and be of their size."""
+    from diffcp.bodies.anny import LOW_RESOLUTION, AnnyBody
+
+    placed = PlacedBody(AnnyBody(topology=LOW_RESOLUTION, dtype=torch.float64))
+    s = {k: scans[k][:1].double() for k in ("rotation", "root", "pose", "shape", "points", "normals", "vertices")}
+    settings = BodyFitSettings(iterations=2, rigid_iterations=1, neighbours=placed.body.num_vertices)
+
+    def loss(root):
+        start = BodyParameters(s["rotation"], root, 0.5 * s["pose"], s["shape"])
+        fit = fit_body(placed, s["points"], s["normals"], start, settings, differentiable=True)
+        return vertex_error(placed.mesh(fit.params).vertices, s["vertices"]).sum()
+
+    root = (s["root"] + torch.tensor([[0.03, -0.02, 0.04]], dtype=torch.float64)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(root), root)
+    eps = 1e-6
+    fd = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(3):
+            e = torch.zeros(1, 3, dtype=torch.float64)
+            e[0, i] = eps
+            fd[i] = (loss(root + e) - loss(root - e)) / (2 * eps)
+    cosine = float(grad[0] @ fd / (grad.norm() * fd.norm()))
+    assert cosine > 0.8 and 0.5 < float(grad.norm() / fd.norm()) < 2.0, (grad, fd)  # measured: 0.89, 0.77
+
+
+def test_gauss_newton_recovers_more_pose_than_adam(scans, placed):
+    truth = _truth(scans)
+    start = truth._replace(pose=torch.zeros_like(truth.pose))
+    errors = {}
+    for minimiser in ("gauss_newton", "adam"):
+        fit = fit_body(placed, scans["points"], scans["normals"], start, BodyFitSettings(minimiser=minimiser))
+        errors[minimiser] = float(vertex_error(placed.mesh(fit.params).vertices, scans["vertices"]).mean())
+    before = float(vertex_error(placed.mesh(start).vertices, scans["vertices"]).mean())
+    assert errors["gauss_newton"] < 0.8 * errors["adam"] and errors["gauss_newton"] < 0.7 * before, (before, errors)
