@@ -294,7 +294,8 @@ def _parse(argv):
     e = sub.add_parser("evaluate", help="evaluate every method on the test split")
     e.add_argument("--data", default="data/body_scans")
     e.add_argument("--alone", required=True, help="run folder of the network trained alone")
-    e.add_argument("--end-to-end", required=True, help="run folder of the network trained through the fit")
+    e.add_argument("--end-to-end", default=None, help="run folder of the network trained through the fit "
+                   "(needed for end_to_end_then_fit)")
     e.add_argument("--into", default="book/_data/body_fit.json")
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
@@ -318,8 +319,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _merge(args.parts, args.into, command)
     started = time.time()
     nets, runs = {}, {}
+    if "end_to_end_then_fit" in args.methods and args.end_to_end is None:
+        raise SystemExit("error: --end-to-end is needed to evaluate end_to_end_then_fit.")
     for name, run in (("alone", args.alone), ("end_to_end", args.end_to_end)):
-        nets[name], runs[name] = load_network(run)
+        if run is not None:
+            nets[name], runs[name] = load_network(run)
     fit_settings = BodyFitSettings()
     per_scan = evaluate(args.data, nets, fit_settings, methods=args.methods, limit=args.limit,
                         progress=not args.no_progress)
@@ -348,16 +352,21 @@ def _merge(parts: Sequence[str], into: str, command: Sequence[str]) -> int:
     """One results file from ``--part`` files of the same dataset, networks and fit settings."""
     records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in parts]
     first = records[0]
+    runs: dict = {}
     for path, r in zip(parts, records):
-        for key in ("dataset", "runs", "fit_settings"):
+        for key in ("dataset", "fit_settings"):
             if r[key] != first[key]:
                 raise ValueError(f"parts must share one {key}; {path!r} differs from {parts[0]!r}.")
+        for name, run in r["runs"].items():
+            if runs.setdefault(name, run) != run:
+                raise ValueError(f"parts must share one runs[{name!r}]; {path!r} differs from an earlier part.")
         if r["per_scan"]["condition"] != first["per_scan"]["condition"]:
             raise ValueError(f"parts must cover the same test scans; {path!r} differs from {parts[0]!r}.")
     per_scan = {"condition": first["per_scan"]["condition"]}
     for r in records:
         per_scan.update({k: v for k, v in r["per_scan"].items() if k != "condition"})
-    record = {k: first[k] for k in ("fit_settings", "thresholds_mm", "dataset", "runs")}
+    record = {k: first[k] for k in ("fit_settings", "thresholds_mm", "dataset")}
+    record["runs"] = runs
     record.update(per_scan=per_scan, parts=[{"file": Path(p).name, "methods": [k for k in r["per_scan"] if k != "condition"],
                                              "provenance": r["provenance"]} for p, r in zip(parts, records)])
     write_result(into, _with_summary(record), command=command)
