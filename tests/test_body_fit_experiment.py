@@ -93,6 +93,13 @@ def test_cli_writes_a_results_file_of_record(data, tmp_path, capsys):
     assert result["provenance"]["command"].startswith("python -m diffcp.experiments.body_fit evaluate")
     assert result["runs"]["alone"]["weights_sha256"] and len(result["per_scan"]["network"]["vertex_mm"]) == 3
     assert {m["worse"] for m in result["margins"]} == {"network", "fit_mean_body", "fit_mean_body_best_of_4", "network_then_fit"}
+    exported = body_fit.export_weights(tmp_path / "a", tmp_path / "w" / "net.pt")
+    card = json.loads(exported.with_suffix(".json").read_text())
+    import hashlib
+
+    assert card["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest() and card["commit"] and card["machine"]
+    again, _ = load_network(exported)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), load_network(tmp_path / "a")[0].state_dict().values()))
     with pytest.raises(FileNotFoundError, match="holds no weights.pt"):
         load_network(tmp_path)
     with pytest.raises(ValueError, match="method must be"):

@@ -35,6 +35,7 @@ EXPECTED_CHAPTERS = [
     "book/09_modelnet40_and_deep_closest_point",
     "book/10_training_dcp_through_icp",
     "book/11_does_icp_need_to_be_differentiable",
+    "book/12_fitting_the_body",
 ]
 
 

@@ -23,9 +23,9 @@ def placed():
 @pytest.fixture(scope="module")
 def scans(placed):
     """Six scans (two per condition) from the dataset's own generator."""
-    from diffcp.datasets.body_scans import ScanSettings, _seed, make_scan
+    from diffcp.datasets.body_scans import ScanSettings, make_scan, scan_generator
 
-    rows = [make_scan(placed, ScanSettings(), i % 3, torch.Generator().manual_seed(_seed(7, "test", i))) for i in range(6)]
+    rows = [make_scan(placed, ScanSettings(), i % 3, scan_generator(7, "test", i)) for i in range(6)]
     return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
 
 

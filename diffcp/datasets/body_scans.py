@@ -49,7 +49,7 @@ from ..camera import depth_to_points, intrinsics_matrix, normals_from_depth
 from ..render import look_at, render_depth
 from .body_pairs import SPLITS, _move_into_place, _seed, _sha256
 
-__all__ = ["ScanSettings", "generate_scans", "load_scans", "CONDITIONS", "KEYS", "FORMAT", "intrinsics"]
+__all__ = ["ScanSettings", "generate_scans", "make_scan", "scan_generator", "load_scans", "CONDITIONS", "KEYS", "FORMAT", "intrinsics"]
 
 FORMAT = "diffcp-body-scans"
 FORMAT_VERSION = 1
@@ -164,6 +164,12 @@ def _points(depth: Tensor, K: Tensor, n: int, g: torch.Generator) -> Tuple[Tenso
     return pts[0, pick], normals[0, pick], int(ok.numel())
 
 
+def scan_generator(seed: int, split: str, index: int) -> torch.Generator:
+    """The random-number generator of sample ``index`` of ``split`` in a dataset of seed ``seed``:
+    ``make_scan(placed, settings, index % 3, scan_generator(seed, split, index))`` remakes that scan."""
+    return torch.Generator().manual_seed(_seed(seed, split, index))
+
+
 def make_scan(placed: PlacedBody, settings: ScanSettings, condition: int, g: torch.Generator) -> Dict[str, np.ndarray]:
     """One scan (a dict of the :data:`KEYS` but ``index``) of a fresh random body."""
     K = intrinsics(settings)
@@ -224,8 +230,7 @@ def generate_scans(out_dir: Union[str, os.PathLike], placed: PlacedBody, counts:
         for split, count in counts.items():
             rows = []
             for i in progress_bar(range(count), f"{split} scans", progress):
-                g = torch.Generator().manual_seed(_seed(seed, split, i))
-                rows.append(make_scan(placed, settings, i % len(CONDITIONS), g))
+                rows.append(make_scan(placed, settings, i % len(CONDITIONS), scan_generator(seed, split, i)))
             arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
             arrays["index"] = np.arange(count, dtype=np.int64)
             with open(tmp / f"{split}.npz", "wb") as f:

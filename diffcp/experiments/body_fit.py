@@ -1,6 +1,6 @@
 """Experiment 3: non-rigid fitting of a body model to depth scans, with and without a network.
 
-Two commands (``python -m diffcp.experiments.body_fit {train,evaluate} --help``):
+Commands (``python -m diffcp.experiments.body_fit {train,evaluate,merge,export} --help``):
 
 - ``train``: a :class:`~diffcp.models.body_cnn.BodyCNN` on the train split of a scans dataset
   (:mod:`diffcp.datasets.body_scans`). The loss is the mean vertex error plus the mean joint
@@ -45,7 +45,7 @@ from ..nonrigid import BodyFitSettings, fit_body, joint_error, mean_body_start, 
 from ..provenance import atomic_write, provenance, write_result
 from .progress import progress_bar
 
-__all__ = ["TrainSettings", "train", "load_network", "evaluate", "summarise", "METHODS", "THRESHOLDS_MM", "main"]
+__all__ = ["TrainSettings", "train", "load_network", "export_weights", "evaluate", "summarise", "METHODS", "THRESHOLDS_MM", "main"]
 
 METHODS = ("network", "fit_mean_body", "fit_mean_body_best_of_4", "network_then_fit", "end_to_end_then_fit")
 THRESHOLDS_MM = (25.0, 50.0, 100.0)
@@ -207,6 +207,24 @@ def load_network(run_or_weights, manifest: Optional[dict] = None):
     return net.eval(), info
 
 
+def export_weights(run_dir, path) -> Path:
+    """Copy a finished run's weights to ``path`` (a plain ``state_dict``) with a ``.json`` sidecar:
+    the file's sha256, the run's command, commit, machine, date and settings, and the run it started from."""
+    net, info = load_network(run_dir)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(net.state_dict(), f))
+    prov, machine = info["provenance"], info["provenance"]["machine"]
+    sidecar = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size,
+               "command": prov["command"], "commit": prov["git"]["commit"],
+               "machine": f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB, GPU: {machine['gpu']}",
+               "date_utc": prov["date_utc"], "origin": "trained here from a seeded random initialisation",
+               "loads_into": "diffcp.experiments.body_fit.load_network(path)", "run": info}
+    text = json.dumps(sidecar, indent=2) + "\n"
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode("utf-8")))
+    return path
+
+
 def _fit(placed, arrays, index, init, fit_settings):
     return fit_body(placed, arrays["points"][index], arrays["normals"][index], init, fit_settings)
 
@@ -302,6 +320,9 @@ def _parse(argv):
                    help="evaluate only these (with --part, to share the work between processes)")
     e.add_argument("--part", default=None, help="write these methods' per-scan rows here instead of --into")
     e.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser("export", help="copy a run's weights with a sidecar of their provenance")
+    x.add_argument("run")
+    x.add_argument("--to", required=True, help="the .pt file to write (book/_data/weights/body_cnn_alone.pt)")
     m = sub.add_parser("merge", help="merge --part files of one dataset and one pair of networks into --into")
     m.add_argument("parts", nargs="+")
     m.add_argument("--into", default="book/_data/body_fit.json")
@@ -314,6 +335,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "train":
         settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
         train(args.data, args.out, settings, progress=not args.no_progress, command=command)
+        return 0
+    if args.command == "export":
+        print(export_weights(args.run, args.to))
         return 0
     if args.command == "merge":
         return _merge(args.parts, args.into, command)
