@@ -311,6 +311,21 @@ def _run_tasks(tasks, vertices, faces, settings, workers, progress):
     return sorted(results, key=lambda e: e["file"])
 
 
+def temporary_folder(out: Path, overwrite: bool) -> Path:
+    """An empty folder beside ``out`` to write a dataset into before :func:`_move_into_place`.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False.
+    """
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out_dir {str(out)!r} already exists; refusing to overwrite a dataset "
+                              "(pass overwrite=True / --overwrite, or choose another folder).")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and
     deleted only once the new one is in place."""
@@ -352,14 +367,8 @@ def generate(out_dir: Union[str, os.PathLike], vertices: Tensor, faces: Tensor, 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer; got {shard_size!r}.")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out_dir {str(out)!r} already exists; refusing to overwrite a dataset "
-                              "(pass overwrite=True / --overwrite, or choose another folder).")
     started = time.time()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = temporary_folder(out, overwrite)
     try:
         tasks = [(str(tmp), f"{split}-{k // shard_size:04d}.npz", split, int(seed), k, min(k + shard_size, n))
                  for split, n in counts.items() for k in range(0, n, shard_size)]

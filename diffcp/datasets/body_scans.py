@@ -47,7 +47,7 @@ from torch import Tensor
 from ..bodies.placed import BodyParameters, PlacedBody
 from ..camera import depth_to_points, intrinsics_matrix, normals_from_depth
 from ..render import look_at, render_depth
-from .body_pairs import SPLITS, _move_into_place, _seed, _sha256
+from .body_pairs import SPLITS, _move_into_place, _seed, _sha256, temporary_folder
 
 __all__ = ["ScanSettings", "generate_scans", "make_scan", "scan_generator", "load_scans", "CONDITIONS", "KEYS", "FORMAT", "intrinsics"]
 
@@ -203,6 +203,17 @@ def make_scan(placed: PlacedBody, settings: ScanSettings, condition: int, g: tor
             "valid_pixels": np.int64(count)}
 
 
+def _progress(items, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(items, desc=desc, leave=False)
+        except ImportError:  # pragma: no cover - tqdm is optional here
+            pass
+    return items
+
+
 def generate_scans(out_dir: Union[str, os.PathLike], placed: PlacedBody, counts: Dict[str, int], *, seed: int = 0,
                    settings: ScanSettings = ScanSettings(), overwrite: bool = False, progress: bool = False,
                    command: Optional[Union[str, Sequence[str]]] = None) -> dict:
@@ -216,20 +227,13 @@ def generate_scans(out_dir: Union[str, os.PathLike], placed: PlacedBody, counts:
             any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts.values()):
         raise ValueError(f"counts must map splits among {SPLITS} to positive integers; got {counts!r}.")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out_dir {str(out)!r} already exists; refusing to overwrite a dataset "
-                              "(pass overwrite=True / --overwrite, or choose another folder).")
-    from ..experiments.progress import progress_bar
-
     started = time.time()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_folder(out, overwrite)
     try:
         splits = {}
         for split, count in counts.items():
             rows = []
-            for i in progress_bar(range(count), f"{split} scans", progress):
+            for i in _progress(range(count), f"{split} scans", progress):
                 rows.append(make_scan(placed, settings, i % len(CONDITIONS), scan_generator(seed, split, i)))
             arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
             arrays["index"] = np.arange(count, dtype=np.int64)
