@@ -82,7 +82,8 @@ def test_existing_dataset_is_kept_and_tampering_is_detected(dataset, placed, tmp
         load_scans(tmp_path / "none", "test")
     with pytest.raises(ValueError, match="counts must map"):
         generate_scans(tmp_path / "bad", placed, {"test": 0}, settings=SMALL)
-    assert json.loads((dataset / "manifest.json").read_text())["splits"]["test"]["count"] == 6
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["splits"]["test"]["count"] == 6 and manifest["provenance"]["machine"]["cores"]
 
 
 def test_settings_round_trip_and_are_checked():

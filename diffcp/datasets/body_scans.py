@@ -24,7 +24,7 @@ Sample ``i`` of a split draws its random numbers from ``SeedSequence([seed, spli
 test split never shares a pose or a shape with the training split.
 
 On disk: ``manifest.json`` (settings, body, per split count, file and sha256, command, date,
-duration) and one uncompressed ``{split}.npz`` per split with the keys of :data:`KEYS`. A dataset
+duration, and the commit and machine under ``provenance``) and one uncompressed ``{split}.npz`` per split with the keys of :data:`KEYS`. A dataset
 is written to a temporary folder and renamed into place when complete.
 """
 
@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..bodies.placed import BodyParameters, PlacedBody
 from ..camera import depth_to_points, intrinsics_matrix, normals_from_depth
+from ..provenance import provenance
 from ..render import look_at, render_depth
 from .body_pairs import SPLITS, _move_into_place, _seed, _sha256, temporary_folder
 
@@ -247,7 +248,7 @@ def generate_scans(out_dir: Union[str, os.PathLike], placed: PlacedBody, counts:
                     "conditions": list(CONDITIONS), "splits": splits,
                     "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": command if command is None or isinstance(command, str) else " ".join(command),
-                    "duration_s": round(time.time() - started, 3)}
+                    "duration_s": round(time.time() - started, 3), "provenance": provenance(command, started)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, out)
     except BaseException:
