@@ -1,25 +1,33 @@
 """Non-rigid ICP: fit the rigid placement, pose and shape of a body model to a depth scan.
 
-The unknowns are the :class:`~diffcp.bodies.placed.BodyParameters` of ``B`` bodies. The fit
-alternates, for ``K`` iterations, the two ICP steps that survive a non-rigid model:
+The unknowns are the :class:`~diffcp.bodies.placed.BodyParameters` of ``B`` bodies. Each of the
+``K`` iterations of :func:`fit_body` keeps the steps of ICP that survive a non-rigid model:
 
 1. **correspond** (soft, as in chapter 2): each scan point ``s_i`` (normal ``n_i``) looks at its
    ``k`` nearest model vertices under the cost ``c_ij = |s_i - v_j|^2 + w_n |n_i - n_j|^2`` (the
    normal term keeps a point off the far side of a thin limb) and takes the softmax average
    ``m_i = sum_j a_ij v_j``, ``a_ij = softmax_j(-c_ij / tau_k)`` and the averaged normal ``n_i'``.
-   ``tau_k`` falls geometrically from ``temperature[0]`` to ``temperature[1]`` (m^2): wide
-   basins first, sharp matches last;
-2. **minimise** ``E = mean_i r_i * rho(e_i) + prior``, with ``e_i = a (n_i' . (s_i - m_i))^2 +
-   (1 - a) |s_i - m_i|^2`` (point-to-plane share ``a``), the Geman-McClure kernel
-   ``rho(e) = (s^2 / 2) e / (s^2 + e)`` (:func:`diffcp.weight.robust_weights`' ``"geman_mcclure"``),
-   soft rejection ``r_i = sigmoid((d_max - sqrt(e_i)) / T)`` (:func:`diffcp.reject.reject_by_distance`)
-   and a Gaussian prior on pose (per-joint scales) and shape (around the mean body). The model is
-   nonlinear in pose and shape, so one *Adam step* on all unknowns replaces the closed-form solve
-   of rigid ICP; the step sizes decay by a cosine from ``learning_rates`` to a tenth of them.
+   ``tau_k`` falls geometrically from ``temperature[0]`` to ``temperature[1]`` (m^2);
+2. **weight**: residual ``e_i = a (n_i' . (s_i - m_i))^2 + (1 - a) |s_i - m_i|^2`` (point-to-plane
+   share ``a``), the Geman-McClure kernel ``rho(e) = (s^2 / 2) e / (s^2 + e)`` (the kernel of
+   :func:`diffcp.weight.robust_weights`), soft rejection ``r_i = sigmoid((d_max - sqrt(e_i)) / T)``
+   (:func:`diffcp.reject.reject_by_distance`);
+3. **minimise the placement**: a weighted Procrustes from the matches to the scan, weights
+   ``r_i (s^2 / (s^2 + e_i))^2`` (IRLS of the kernel); the body moves rigidly;
+4. **minimise pose and shape** (after the first ``rigid_iterations``): one damped Gauss-Newton
+   step on the same residuals plus the Gaussian prior, the Jacobian of the vertices from forward
+   mode (:func:`pose_shape_jacobian`); or, with ``minimiser="adam"``, one Adam step on
+   :func:`scan_energy`.
 
-Every operation is differentiable: with ``differentiable=True`` the steps keep their graph
-(``create_graph``), so a loss on the fitted body reaches whatever produced ``init`` - a network
-trained *through* the fit. The rotation is updated as ``R = exp(w) R_0``.
+:func:`scan_energy` is ``mean_i r_i rho(e_i)`` plus ``model_to_scan`` times a robust pull of the
+vertices facing the camera towards the scan, plus the prior. The Gauss-Newton and Procrustes steps
+minimise its first and last terms; the model-to-scan term enters the recorded energies (used to
+choose among starts) and the Adam step.
+
+Every operation is differentiable: with ``differentiable=True`` the steps keep their graph, so a
+loss on the fitted body reaches whatever produced ``init`` - a network trained *through* the fit.
+Through Adam steps the gradient is exact; through Gauss-Newton steps the Jacobian is a constant of
+the backward pass (its derivative would need second derivatives of the skinning).
 """
 
 from __future__ import annotations
@@ -73,7 +81,12 @@ class BodyFitSettings:
             raise ValueError(f"minimiser must be 'gauss_newton' or 'adam'; got {self.minimiser!r}.")
         if not 0 <= self.point_to_plane <= 1:
             raise ValueError(f"point_to_plane must lie in [0, 1]; got {self.point_to_plane!r}.")
-        for name in ("robust_scale", "reject_distance", "reject_temperature"):
+        if isinstance(self.rigid_iterations, bool) or not isinstance(self.rigid_iterations, int) or self.rigid_iterations < 0:
+            raise ValueError(f"rigid_iterations must be an integer >= 0; got {self.rigid_iterations!r}.")
+        for name in ("damping", "model_to_scan", "pose_prior", "shape_prior"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
+        for name in ("robust_scale", "reject_distance", "reject_temperature", "max_step"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}.")
         if len(self.learning_rates) != 2 or min(self.learning_rates) < 0:
@@ -207,7 +220,7 @@ def pose_shape_jacobian(placed: PlacedBody, params: BodyParameters) -> Tensor:
     def vertices(xx):
         return placed.mesh(_unflat(repeat, xx)).vertices
 
-    tangents = torch.eye(D, dtype=x.dtype).repeat(B, 1)
+    tangents = torch.eye(D, dtype=x.dtype, device=x.device).repeat(B, 1)
     with torch.no_grad():
         _, jv = torch.func.jvp(vertices, (x.repeat_interleave(D, 0),), (tangents,))
     return jv.reshape(B, D, -1, 3).permute(0, 2, 3, 1)
@@ -244,7 +257,7 @@ def _gauss_newton_step(placed: PlacedBody, params: BodyParameters, points: Tenso
     g_prior, h_prior = _prior_terms(params, settings)
     H = torch.einsum("bp,bpcd,bpce->bde", w, jr, jr) / P + torch.diag_embed(h_prior.expand(B, -1))
     g = torch.einsum("bp,bpcd,bpc->bd", w, jr, r) / P + g_prior
-    H = H + settings.damping * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1)) + 1e-9 * torch.eye(D, dtype=H.dtype)
+    H = H + settings.damping * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1)) + 1e-9 * torch.eye(D, dtype=H.dtype, device=H.device)
     step = -torch.linalg.solve(H, g[..., None])[..., 0]
     return _unflat(params, _flat(params) + step.clamp(-settings.max_step, settings.max_step))
 
@@ -264,7 +277,10 @@ def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyPara
     _check_scan(points, normals, init)
     taus = _temperatures(settings)
     params = init if differentiable else init.detach()
-    adam = _AdamState(_flat(params), settings) if settings.minimiser == "adam" else None
+    if len(settings.pose_scales) != params.pose.shape[1]:
+        raise ValueError(f"settings.pose_scales must hold one scale per posed joint ({params.pose.shape[1]}); "
+                         f"got {len(settings.pose_scales)}.")
+    adam = _AdamState(_flat(params), params.pose.shape[1], settings) if settings.minimiser == "adam" else None
     energies = []
     with torch.enable_grad():
         for k in range(settings.iterations):
@@ -285,9 +301,8 @@ def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyPara
 class _AdamState:
     """Adam on pose and shape against :func:`scan_energy` (the first-order alternative)."""
 
-    def __init__(self, x: Tensor, settings: BodyFitSettings):
+    def __init__(self, x: Tensor, J: int, settings: BodyFitSettings):
         self.settings, self.m, self.v = settings, torch.zeros_like(x.detach()), torch.zeros_like(x.detach())
-        J = (x.shape[1] - 6) // 3
         self.lr = x.new_tensor([settings.learning_rates[0]] * (3 * J) + [settings.learning_rates[1]] * (x.shape[1] - 3 * J))
 
     def step(self, placed, params, points, normals, temperature, n, differentiable):
@@ -304,13 +319,13 @@ class _AdamState:
         return _unflat(params, x - lr * m_hat / (v_hat + s.gradient_floor ** 2).sqrt())
 
 
-def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
+def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """``(3, 3)``: the anny body (``+z`` up, facing ``-y``) upright in a camera frame (``y`` down,
     ``+z`` forward) facing the camera, then turned by ``azimuth_deg`` about its own up axis."""
     facing = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
     a = math.radians(azimuth_deg)
     turn = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], dtype=torch.float64)
-    return (facing @ turn).to(dtype)
+    return (facing @ turn).to(dtype=dtype, device=device)
 
 
 def mean_body_start(placed: PlacedBody, points: Tensor, azimuth_deg: float = 0.0, depth_offset: float = 0.1) -> BodyParameters:
@@ -319,7 +334,7 @@ def mean_body_start(placed: PlacedBody, points: Tensor, azimuth_deg: float = 0.0
     centroid = points.mean(1)
     root = centroid + depth_offset * centroid / centroid.norm(dim=-1, keepdim=True)
     B = points.shape[0]
-    rot = upright_rotation(azimuth_deg, points.dtype).expand(B, 3, 3).clone()
+    rot = upright_rotation(azimuth_deg, points.dtype, points.device).expand(B, 3, 3).clone()
     return placed.rest(B, rotation=rot, root=root)
 
 

@@ -100,7 +100,7 @@ def test_cli_writes_a_results_file_of_record(data, tmp_path, capsys):
     assert card["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest() and card["commit"] and card["machine"]
     again, _ = load_network(exported)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), load_network(tmp_path / "a")[0].state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="holds no weights.pt"):
+    with pytest.raises(FileNotFoundError, match="must be a finished run folder"):
         load_network(tmp_path)
     with pytest.raises(ValueError, match="method must be"):
         TrainSettings(method="joint")

@@ -150,6 +150,14 @@ def test_settings_and_inputs_are_checked(scans, placed):
     with pytest.raises(ValueError, match="learning_rates"):
         BodyFitSettings(learning_rates=(0.1,))
     assert BodyFitSettings.from_dict(BodyFitSettings().to_dict()) == BodyFitSettings()
+    with pytest.raises(ValueError, match="minimiser"):
+        BodyFitSettings(minimiser="lbfgs")
+    with pytest.raises(ValueError, match="rigid_iterations"):
+        BodyFitSettings(rigid_iterations=-1)
+    with pytest.raises(ValueError, match="max_step"):
+        BodyFitSettings(max_step=0.0)
+    with pytest.raises(ValueError, match="pose_scales must hold one scale per posed joint"):
+        fit_body(placed, scans["points"], scans["normals"], _truth(scans), BodyFitSettings(pose_scales=(0.1,)))
     with pytest.raises(ValueError, match="normals must have the shape of points"):
         fit_body(placed, scans["points"], scans["normals"][:, :10], _truth(scans))
     with pytest.raises(ValueError, match="init must be BodyParameters for 6 bodies"):

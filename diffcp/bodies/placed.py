@@ -102,17 +102,19 @@ class PlacedBody:
         self.measured_joints = tuple(measured_joints)
         self._posed = torch.tensor([labels.index(j) for j in posed_joints])
         self._measured = torch.tensor([labels.index(j) for j in measured_joints])
-        self._root = labels.index("root")
+        self.root_index = labels.index("root")  # the model's root bone
         self.num_posed = len(self.posed_joints)
 
     def rest(self, batch_size: int = 1, rotation: Optional[Tensor] = None, root: Optional[Tensor] = None) -> BodyParameters:
         """The mean body in the rest pose, placed by ``rotation (B, 3, 3)`` and ``root (B, 3)``
         (default: identity and the origin)."""
         dt = self.body.dtype
-        rot = torch.eye(3, dtype=dt).expand(batch_size, 3, 3).clone() if rotation is None else rotation
-        rt = torch.zeros(batch_size, 3, dtype=dt) if root is None else root
-        return BodyParameters(rot, rt, torch.zeros(batch_size, self.num_posed, 3, dtype=dt),
-                              self.body.default_shape(batch_size))
+        given = rotation if rotation is not None else root
+        dev = given.device if given is not None else None
+        rot = torch.eye(3, dtype=dt, device=dev).expand(batch_size, 3, 3).clone() if rotation is None else rotation
+        rt = torch.zeros(batch_size, 3, dtype=dt, device=dev) if root is None else root
+        return BodyParameters(rot, rt, torch.zeros(batch_size, self.num_posed, 3, dtype=dt, device=dev),
+                              self.body.default_shape(batch_size).to(dev))
 
     def full_pose(self, pose: Tensor) -> Tensor:
         """``(B, J_model, 4, 4)`` per-bone transforms with ``pose (B, J, 3)`` on the posed joints."""
@@ -135,7 +137,7 @@ class PlacedBody:
     def mesh(self, params: BodyParameters) -> PlacedMesh:
         """Camera-frame vertices, vertex normals and measured joints of ``params``."""
         verts, heads = self.model_frame(params.pose, params.shape)
-        origin = heads[:, self._root]
+        origin = heads[:, self.root_index]
         R = params.rotation
 
         def place(x):

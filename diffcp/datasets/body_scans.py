@@ -186,7 +186,7 @@ def make_scan(placed: PlacedBody, settings: ScanSettings, condition: int, g: tor
         cam = _camera(settings, centre, g)
         R = cam[:3, :3].T  # world -> camera
         t = -R @ cam[:3, 3]
-        params = BodyParameters(R[None].to(dt), (R @ heads[0, placed._root].double() + t)[None].to(dt),
+        params = BodyParameters(R[None].to(dt), (R @ heads[0, placed.root_index].double() + t)[None].to(dt),
                                 pose[None].to(dt), shape[None].to(dt))
         with torch.no_grad():
             mesh = placed.mesh(params)

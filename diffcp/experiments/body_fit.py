@@ -195,7 +195,8 @@ def load_network(run_or_weights, manifest: Optional[dict] = None):
     weights = path / "weights.pt" if path.is_dir() else path
     info_path = path / "run.json" if path.is_dir() else path.with_suffix(".json")
     if not weights.is_file():
-        raise FileNotFoundError(f"run_or_weights {str(path)!r} holds no weights.pt; finish its training first.")
+        raise FileNotFoundError(f"run_or_weights must be a finished run folder (with weights.pt) or a weights file; "
+                                f"{str(weights)!r} does not exist.")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     scales = state["pose_scales"].tolist()
     net = BodyCNN(len(scales), state["head.2.bias"].shape[0] - 9 - 3 * len(scales), scales)
@@ -218,7 +219,10 @@ def export_weights(run_dir, path) -> Path:
     sidecar = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size,
                "command": prov["command"], "commit": prov["git"]["commit"],
                "machine": f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB, GPU: {machine['gpu']}",
-               "date_utc": prov["date_utc"], "origin": "trained here from a seeded random initialisation",
+               "date_utc": prov["date_utc"],
+               "origin": (f"fine-tuned here from the run {info['settings']['init']!r} (its record: run.init_run), itself "
+                          "trained from a seeded random initialisation" if info["settings"].get("init")
+                          else "trained here from a seeded random initialisation"),
                "loads_into": "diffcp.experiments.body_fit.load_network(path)", "run": info}
     text = json.dumps(sidecar, indent=2) + "\n"
     atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode("utf-8")))
