@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .bodies.placed import BodyParameters, PlacedBody
+from .geometry import so3_exp
 from .minimize.procrustes import procrustes
 from .reject import reject_by_distance
 
@@ -167,7 +168,8 @@ def scan_energy(placed: PlacedBody, params: BodyParameters, points: Tensor, norm
         data = data + settings.model_to_scan * _model_to_scan(mesh.vertices, mesh.normals, points, temperature, settings)
     scales = params.pose.new_tensor(settings.pose_scales)
     prior = settings.pose_prior * (params.pose / scales[:, None]).square().mean((-1, -2))
-    prior = prior + settings.shape_prior * ((params.shape - 0.5) / 0.29).square().mean(-1)
+    mean = placed.body.default_shape(1).to(params.shape)
+    prior = prior + settings.shape_prior * ((params.shape - mean) / placed.shape_scale).square().mean(-1)
     return data + prior
 
 
@@ -203,9 +205,10 @@ def _flat(params: BodyParameters) -> Tensor:
     return torch.cat([params.pose.flatten(1), params.shape], dim=1)
 
 
-def _unflat(params: BodyParameters, x: Tensor) -> BodyParameters:
+def _unflat(params: BodyParameters, x: Tensor, bounds=None) -> BodyParameters:
     J = params.pose.shape[1]
-    return params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=x[:, 3 * J:].clamp(0.0, 1.0))
+    shape = x[:, 3 * J:] if bounds is None else x[:, 3 * J:].clamp(*bounds)
+    return params._replace(pose=x[:, :3 * J].reshape(-1, J, 3), shape=shape)
 
 
 def pose_shape_jacobian(placed: PlacedBody, params: BodyParameters) -> Tensor:
@@ -218,7 +221,7 @@ def pose_shape_jacobian(placed: PlacedBody, params: BodyParameters) -> Tensor:
     repeat = BodyParameters(*(t.repeat_interleave(D, 0) for t in params))
 
     def vertices(xx):
-        return placed.mesh(_unflat(repeat, xx)).vertices
+        return placed.mesh(_unflat(repeat, xx, placed.shape_bounds)).vertices
 
     tangents = torch.eye(D, dtype=x.dtype, device=x.device).repeat(B, 1)
     with torch.no_grad():
@@ -226,13 +229,14 @@ def pose_shape_jacobian(placed: PlacedBody, params: BodyParameters) -> Tensor:
     return jv.reshape(B, D, -1, 3).permute(0, 2, 3, 1)
 
 
-def _prior_terms(params: BodyParameters, settings: BodyFitSettings):
+def _prior_terms(placed: PlacedBody, params: BodyParameters, settings: BodyFitSettings):
     """Gradient ``(B, D)`` and diagonal Hessian ``(D,)`` of the pose and shape prior of :func:`scan_energy`."""
     J, S = params.pose.shape[1], params.shape.shape[1]
     scales = params.pose.new_tensor(settings.pose_scales).repeat_interleave(3)
     hess = torch.cat([2 * settings.pose_prior / (3 * J) / scales ** 2,
-                      params.shape.new_full((S,), 2 * settings.shape_prior / (S * 0.29 ** 2))])
-    return hess * torch.cat([params.pose.flatten(1), params.shape - 0.5], dim=1), hess
+                      params.shape.new_full((S,), 2 * settings.shape_prior / (S * placed.shape_scale ** 2))])
+    mean = placed.body.default_shape(1).to(params.shape)
+    return hess * torch.cat([params.pose.flatten(1), params.shape - mean], dim=1), hess
 
 
 def _gauss_newton_step(placed: PlacedBody, params: BodyParameters, points: Tensor, normals: Tensor,
@@ -254,12 +258,12 @@ def _gauss_newton_step(placed: PlacedBody, params: BodyParameters, points: Tenso
     jr = -torch.cat([alpha ** 0.5 * (m.normal.detach()[..., None] * jm).sum(2, keepdim=True), (1 - alpha) ** 0.5 * jm], dim=2)
     s2 = settings.robust_scale ** 2
     w = m.keep * (s2 / (s2 + m.residual)) ** 2
-    g_prior, h_prior = _prior_terms(params, settings)
+    g_prior, h_prior = _prior_terms(placed, params, settings)
     H = torch.einsum("bp,bpcd,bpce->bde", w, jr, jr) / P + torch.diag_embed(h_prior.expand(B, -1))
     g = torch.einsum("bp,bpcd,bpc->bd", w, jr, r) / P + g_prior
     H = H + settings.damping * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1)) + 1e-9 * torch.eye(D, dtype=H.dtype, device=H.device)
     step = -torch.linalg.solve(H, g[..., None])[..., 0]
-    return _unflat(params, _flat(params) + step.clamp(-settings.max_step, settings.max_step))
+    return _unflat(params, _flat(params) + step.clamp(-settings.max_step, settings.max_step), placed.shape_bounds)
 
 
 def fit_body(placed: PlacedBody, points: Tensor, normals: Tensor, init: BodyParameters,
@@ -310,22 +314,25 @@ class _AdamState:
         x = _flat(params)
         # a fresh node (a clone) separates this step's unknowns from the rigid step's inputs
         x = x.clone() if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
-        energy = scan_energy(placed, _unflat(params, x), points, normals, temperature, s)
+        energy = scan_energy(placed, _unflat(params, x, placed.shape_bounds), points, normals, temperature, s)
         (g,) = torch.autograd.grad(energy.sum(), x, create_graph=differentiable)
         self.m, self.v = 0.9 * self.m + 0.1 * g, 0.999 * self.v + 0.001 * g * g
         m_hat, v_hat = self.m / (1 - 0.9 ** (n + 1)), self.v / (1 - 0.999 ** (n + 1))
         phase = n / max(s.iterations - s.rigid_iterations, 1)
         lr = self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * phase)))
-        return _unflat(params, x - lr * m_hat / (v_hat + s.gradient_floor ** 2).sqrt())
+        return _unflat(params, x - lr * m_hat / (v_hat + s.gradient_floor ** 2).sqrt(), placed.shape_bounds)
 
 
-def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """``(3, 3)``: the anny body (``+z`` up, facing ``-y``) upright in a camera frame (``y`` down,
-    ``+z`` forward) facing the camera, then turned by ``azimuth_deg`` about its own up axis."""
-    facing = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
-    a = math.radians(azimuth_deg)
-    turn = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], dtype=torch.float64)
-    return (facing @ turn).to(dtype=dtype, device=device)
+def upright_rotation(azimuth_deg: float = 0.0, dtype: torch.dtype = torch.float32, device=None,
+                     up: Sequence[float] = (0.0, 0.0, 1.0), front: Sequence[float] = (0.0, -1.0, 0.0)) -> Tensor:
+    """``(3, 3)``: a body whose model frame has ``up`` and faces ``front`` (default anny's: ``+z``,
+    ``-y``) turned by ``azimuth_deg`` about its up axis, then stood upright in a camera frame (``y``
+    down, ``+z`` forward), facing the camera."""
+    u, f = torch.tensor(up, dtype=torch.float64), torch.tensor(front, dtype=torch.float64)
+    model = torch.stack([u, f, torch.linalg.cross(u, f)], dim=1)
+    camera = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]], dtype=torch.float64)  # columns: up, front, side
+    turn = so3_exp(u * math.radians(azimuth_deg))
+    return (camera @ model.T @ turn).to(dtype=dtype, device=device)
 
 
 def mean_body_start(placed: PlacedBody, points: Tensor, azimuth_deg: float = 0.0, depth_offset: float = 0.1) -> BodyParameters:
@@ -334,7 +341,8 @@ def mean_body_start(placed: PlacedBody, points: Tensor, azimuth_deg: float = 0.0
     centroid = points.mean(1)
     root = centroid + depth_offset * centroid / centroid.norm(dim=-1, keepdim=True)
     B = points.shape[0]
-    rot = upright_rotation(azimuth_deg, points.dtype, points.device).expand(B, 3, 3).clone()
+    body = placed.body
+    rot = upright_rotation(azimuth_deg, points.dtype, points.device, body.up_axis, body.front_axis).expand(B, 3, 3).clone()
     return placed.rest(B, rotation=rot, root=root)
 
 

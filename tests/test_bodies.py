@@ -132,3 +132,29 @@ def test_anny_low_resolution_body():
     (v[1] ** 2).sum().backward()
     for g in (pose.grad, shape.grad):
         assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+
+
+def test_smpl_body_is_placed_and_fitted_like_anny(smpl_dir):
+    """The non-rigid fit runs on SMPL through smplx (a synthetic model file): joints in SMPL's order,
+    unbounded betas, and a fit that lowers the energy (at the final temperature) of its start."""
+    from diffcp.bodies.placed import SMPL_MEASURED_JOINTS, BodyParameters, PlacedBody
+    from diffcp.nonrigid import BodyFitSettings, fit_body, mean_body_start, scan_energy
+
+    body = SMPLBody(num_betas=4)
+    placed = PlacedBody(body)
+    assert placed.measured_joints == SMPL_MEASURED_JOINTS and placed.shape_bounds is None
+    g = torch.Generator().manual_seed(0)
+    truth = placed.rest(2, root=torch.tensor([[0.0, 0.0, 3.0], [0.2, 0.0, 3.5]]))
+    truth = truth._replace(pose=0.2 * torch.randn(2, 12, 3, generator=g), shape=-0.5 * torch.ones(2, 4))
+    mesh = placed.mesh(truth)
+    assert mesh.vertices.shape == (2, V_SMPL, 3) and mesh.joints.shape == (2, 18, 3)
+    assert torch.allclose(mesh.joints[:, 0], truth.root, atol=1e-5)  # pelvis = root
+    pts, nrm = mesh.vertices[:, ::20], mesh.normals[:, ::20]
+    start = truth._replace(pose=torch.zeros_like(truth.pose))
+    settings = BodyFitSettings(iterations=4, rigid_iterations=1, pose_scales=(0.3,) * 12)
+    fit = fit_body(placed, pts, nrm, start, settings)
+    tau = settings.temperature[1]
+    before = scan_energy(placed, start, pts, nrm, tau, settings)
+    assert (fit.energies[-1] < before).all(), (fit.energies[-1], before)
+    assert (fit.params.shape < 0).all()  # betas are not clamped to [0, 1]
+    assert mean_body_start(placed, pts).rotation.shape == (2, 3, 3)

@@ -93,6 +93,9 @@ class AnnyBody(BodyModel):
         self.faces = torch.as_tensor(self.model.faces, dtype=torch.int64).clone()
         self.bone_labels = list(self.model.bone_labels)
         self.shape_labels = list(self.model.phenotype_labels)
+        self.joint_labels = self.bone_labels
+        self.shape_scale, self.shape_bounds = 0.29, (0.0, 1.0)  # the spread of a uniform value in [0, 1]
+        self.up_axis, self.front_axis = (0.0, 0.0, 1.0), (0.0, -1.0, 0.0)  # anny is z-up and faces -y
         self.num_joints = len(self.bone_labels)
         self.num_shape_parameters = len(self.shape_labels)
         self.num_vertices = int(self.model.template_vertices.shape[0])
@@ -105,9 +108,18 @@ class AnnyBody(BodyModel):
         return ((self.num_joints, 3), (self.num_joints, 4, 4))
 
     def _vertices(self, pose: Tensor, shape: Tensor) -> Tensor:
-        if pose.shape[-1] == 3 and pose.dim() == 3:
-            transforms = torch.zeros(pose.shape[:2] + (4, 4), dtype=pose.dtype, device=pose.device)
-            transforms[..., :3, :3] = so3_exp(pose)
-            transforms[..., 3, 3] = 1.0
-            pose = transforms
-        return self.model(pose_parameters=pose, phenotype_kwargs=shape)["vertices"]
+        return self.model(pose_parameters=_transforms(pose), phenotype_kwargs=shape)["vertices"]
+
+    def _vertices_and_joints(self, pose: Tensor, shape: Tensor) -> Tuple[Tensor, Tensor]:
+        out = self.model(pose_parameters=_transforms(pose), phenotype_kwargs=shape)
+        return out["vertices"], out["bone_poses"][..., :3, 3]  # joint position = the bone's head
+
+
+def _transforms(pose: Tensor) -> Tensor:
+    """anny's ``(B, J, 4, 4)`` per-bone transforms from ``(B, J, 3)`` axis-angles (or passed through)."""
+    if pose.shape[-1] == 3 and pose.dim() == 3:
+        transforms = torch.zeros(pose.shape[:2] + (4, 4), dtype=pose.dtype, device=pose.device)
+        transforms[..., :3, :3] = so3_exp(pose)
+        transforms[..., 3, 3] = 1.0
+        return transforms
+    return pose

@@ -15,7 +15,7 @@ A body model maps a batch of poses and shapes to posed meshes that share one tri
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,15 @@ class BodyModel:
     num_shape_parameters: int
     num_vertices: int
     dtype: torch.dtype = torch.float32
+    #: names of the joints a pose rotates, in its order (joint 0 is the root)
+    joint_labels: Sequence[str] = ()
+    #: spread of the shape parameters about :meth:`default_shape` (the scale of a shape prior)
+    shape_scale: float = 1.0
+    #: ``(low, high)`` bounds of every shape parameter, or None when unbounded
+    shape_bounds: Optional[Tuple[float, float]] = None
+    #: the model frame's up direction and the direction the body faces in the rest pose
+    up_axis: Tuple[float, float, float] = (0.0, 1.0, 0.0)
+    front_axis: Tuple[float, float, float] = (0.0, 0.0, 1.0)
 
     def default_shape(self, batch_size: int = 1) -> Tensor:
         """The shape parameters of the default body, ``(batch_size, S)``."""
@@ -61,6 +70,15 @@ class BodyModel:
 
     def _vertices(self, pose: Tensor, shape: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def vertices_and_joints(self, pose: Optional[Tensor] = None, shape: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Vertices ``(B, V, 3)`` and joint positions ``(B, J, 3)`` (in the order of
+        :attr:`joint_labels`) for ``pose (B, J, 3)`` and ``shape (B, S)``; differentiable in both."""
+        pose, shape = self._check_arguments(pose, shape)
+        return self._vertices_and_joints(pose, shape)
+
+    def _vertices_and_joints(self, pose: Tensor, shape: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError(f"the {self.name} body model gives no joint positions.")
 
     def _pose_forms(self) -> Tuple[Tuple[int, ...], ...]:
         """Per-sample shapes a pose may have; subclasses may add forms."""

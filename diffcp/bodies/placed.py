@@ -13,7 +13,10 @@ positions of :attr:`PlacedBody.measured_joints` (for the joint error): ``x_cam =
 + root``, where ``root_world`` is the root joint of the posed body in the model's frame. Fixing the
 root rather than the model's origin keeps the translation independent of shape and pose.
 
-Only anny gives joint positions here (its ``bone_poses``); the default joint lists name anny bones.
+Joint positions come from :meth:`~diffcp.bodies.base.BodyModel.vertices_and_joints` (anny: its bone
+heads; SMPL: its regressed joints). The default joint lists depend on the model: :data:`POSED_JOINTS`
+and :data:`MEASURED_JOINTS` for anny, :data:`SMPL_POSED_JOINTS` and :data:`SMPL_MEASURED_JOINTS` for
+SMPL and SMPL-X. The model's joint 0 is the root.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..geometry import so3_exp
 
 __all__ = ["BodyParameters", "PlacedBody", "POSED_JOINTS", "MEASURED_JOINTS", "vertex_normals"]
 
@@ -32,6 +34,10 @@ POSED_JOINTS = ("spine03", "neck01", "shoulder01.L", "shoulder01.R", "upperarm01
                 "lowerarm01.L", "lowerarm01.R", "upperleg01.L", "upperleg01.R", "lowerleg01.L", "lowerleg01.R")
 #: anny bones whose heads the joint error measures: the posed ones, the root and the extremities.
 MEASURED_JOINTS = ("root",) + POSED_JOINTS + ("head", "wrist.L", "wrist.R", "foot.L", "foot.R")
+#: the same choice for SMPL and SMPL-X (``diffcp.bodies.smplx``)
+SMPL_POSED_JOINTS = ("spine2", "neck", "left_collar", "right_collar", "left_shoulder", "right_shoulder",
+                     "left_elbow", "right_elbow", "left_hip", "right_hip", "left_knee", "right_knee")
+SMPL_MEASURED_JOINTS = ("pelvis",) + SMPL_POSED_JOINTS + ("head", "left_wrist", "right_wrist", "left_ankle", "right_ankle")
 
 
 class BodyParameters(NamedTuple):
@@ -78,9 +84,9 @@ class PlacedBody:
     """A body model posed through a few joints and placed in a camera frame.
 
     Args:
-        body: a :class:`~diffcp.bodies.anny.AnnyBody` (any topology).
-        posed_joints: bone names the pose rotates (default :data:`POSED_JOINTS`).
-        measured_joints: bone names whose heads :meth:`mesh` returns (default :data:`MEASURED_JOINTS`).
+        body: a :class:`~diffcp.bodies.base.BodyModel` that gives joint positions (anny, SMPL, SMPL-X).
+        posed_joints: joint names the pose rotates (default: the model's list, see the module docstring).
+        measured_joints: joint names whose positions :meth:`mesh` returns (default: likewise).
 
     Example (needs anny's cache, so not run here):
         >>> placed = PlacedBody(AnnyBody(topology=LOW_RESOLUTION))  # doctest: +SKIP
@@ -88,13 +94,16 @@ class PlacedBody:
         torch.Size([2, 1229, 3])
     """
 
-    def __init__(self, body, posed_joints: Sequence[str] = POSED_JOINTS,
-                 measured_joints: Sequence[str] = MEASURED_JOINTS):
-        labels = list(getattr(body, "bone_labels", []))
+    def __init__(self, body, posed_joints: Optional[Sequence[str]] = None,
+                 measured_joints: Optional[Sequence[str]] = None):
+        labels = list(getattr(body, "joint_labels", []))
+        smpl = getattr(body, "name", "") in ("smpl", "smplx")
+        posed_joints = posed_joints or (SMPL_POSED_JOINTS if smpl else POSED_JOINTS)
+        measured_joints = measured_joints or (SMPL_MEASURED_JOINTS if smpl else MEASURED_JOINTS)
         for name, wanted in (("posed_joints", posed_joints), ("measured_joints", measured_joints)):
             missing = [j for j in wanted if j not in labels]
             if missing or not wanted:
-                raise ValueError(f"{name} must be a non-empty list of the body's bone labels; "
+                raise ValueError(f"{name} must be a non-empty list of the body's joint labels; "
                                  f"{missing or 'none given'} not among them.")
         self.body = body
         self.faces = body.faces
@@ -102,7 +111,8 @@ class PlacedBody:
         self.measured_joints = tuple(measured_joints)
         self._posed = torch.tensor([labels.index(j) for j in posed_joints])
         self._measured = torch.tensor([labels.index(j) for j in measured_joints])
-        self.root_index = labels.index("root")  # the model's root bone
+        self.root_index = 0  # the model's root joint
+        self.shape_scale, self.shape_bounds = float(body.shape_scale), body.shape_bounds
         self.num_posed = len(self.posed_joints)
 
     def rest(self, batch_size: int = 1, rotation: Optional[Tensor] = None, root: Optional[Tensor] = None) -> BodyParameters:
@@ -117,22 +127,15 @@ class PlacedBody:
                               self.body.default_shape(batch_size).to(dev))
 
     def full_pose(self, pose: Tensor) -> Tensor:
-        """``(B, J_model, 4, 4)`` per-bone transforms with ``pose (B, J, 3)`` on the posed joints."""
-        B = pose.shape[0]
-        rot = torch.eye(3, dtype=pose.dtype, device=pose.device).expand(B, self.body.num_joints, 3, 3)
-        rot = rot.index_copy(1, self._posed.to(pose.device), so3_exp(pose))
-        bottom = torch.zeros(B, self.body.num_joints, 1, 4, dtype=pose.dtype, device=pose.device)
-        bottom[..., 3] = 1.0
-        top = torch.cat([rot, torch.zeros_like(rot[..., :1])], dim=-1)
-        return torch.cat([top, bottom], dim=-2)
+        """``(B, J_model, 3)`` axis-angles: ``pose (B, J, 3)`` on the posed joints, zero elsewhere."""
+        full = pose.new_zeros(pose.shape[0], self.body.num_joints, 3)
+        return full.index_copy(1, self._posed.to(pose.device), pose)
 
     def model_frame(self, pose: Tensor, shape: Tensor) -> Tuple[Tensor, Tensor]:
-        """Vertices ``(B, V, 3)`` and all bone heads ``(B, J_model, 3)`` in the model's own frame."""
+        """Vertices ``(B, V, 3)`` and all joint positions ``(B, J_model, 3)`` in the model's own frame."""
         if pose.dim() != 3 or pose.shape[1:] != (self.num_posed, 3):
             raise ValueError(f"pose must have shape (B, {self.num_posed}, 3); got {tuple(pose.shape)}.")
-        self.body._check_arguments(None, shape)
-        out = self.body.model(pose_parameters=self.full_pose(pose), phenotype_kwargs=shape)
-        return out["vertices"], out["bone_poses"][..., :3, 3]
+        return self.body.vertices_and_joints(self.full_pose(pose), shape)
 
     def mesh(self, params: BodyParameters) -> PlacedMesh:
         """Camera-frame vertices, vertex normals and measured joints of ``params``."""

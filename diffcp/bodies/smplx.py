@@ -24,9 +24,14 @@ from torch import Tensor
 
 from .base import BodyModel
 
-__all__ = ["SMPLBody", "MODEL_TYPES", "ENV_VAR", "resolve_model_dir"]
+__all__ = ["SMPLBody", "MODEL_TYPES", "JOINT_LABELS", "ENV_VAR", "resolve_model_dir"]
 
 MODEL_TYPES = {"smpl": 24, "smplx": 22}
+#: SMPL's 24 joints in its order (SMPL-X's first 22 are the same)
+JOINT_LABELS = ("pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle",
+                "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head",
+                "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+                "left_hand", "right_hand")
 ENV_VAR = "DIFFCP_SMPL_DIR"
 
 
@@ -96,11 +101,15 @@ class SMPLBody(BodyModel):
         self.dtype = dtype
         self.faces = torch.as_tensor(self.model.faces.astype("int64"))
         self.num_joints = MODEL_TYPES[model_type]
+        self.joint_labels = JOINT_LABELS[:self.num_joints]
         self.num_shape_parameters = int(self.model.num_betas)
         self.num_vertices = int(self.model.v_template.shape[0])
 
     def _vertices(self, pose: Tensor, shape: Tensor) -> Tensor:
+        return self._vertices_and_joints(pose, shape)[0]
+
+    def _vertices_and_joints(self, pose: Tensor, shape: Tensor):
         B = pose.shape[0]
         out = self.model(betas=shape, global_orient=pose[:, 0], body_pose=pose[:, 1:].reshape(B, -1),
                          transl=torch.zeros(B, 3, dtype=pose.dtype, device=pose.device))
-        return out.vertices
+        return out.vertices, out.joints[:, :self.num_joints]
