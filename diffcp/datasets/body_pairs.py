@@ -77,6 +77,18 @@ GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
+def check_view(settings, min_image_size: int) -> None:
+    """Check the camera fields shared by the generated datasets' settings: ``image_size``,
+    ``fov_deg`` and ``distance`` ``(min, max)``; a ``ValueError`` names the field at fault."""
+    if not (isinstance(settings.image_size, int) and settings.image_size >= min_image_size):
+        raise ValueError(f"image_size must be an integer >= {min_image_size}; got {settings.image_size!r}.")
+    if not 0 < settings.fov_deg < 180:
+        raise ValueError(f"fov_deg must lie in (0, 180); got {settings.fov_deg!r}.")
+    lo, hi = settings.distance
+    if not 0 < lo <= hi:
+        raise ValueError(f"distance must be (min, max) with 0 < min <= max; got {settings.distance!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class PairSettings:
     """How pairs are made (all lengths in metres). Stored in the manifest."""
@@ -91,13 +103,7 @@ class PairSettings:
     max_attempts: int = 50
 
     def __post_init__(self):
-        if not (isinstance(self.image_size, int) and self.image_size >= 8):
-            raise ValueError(f"image_size must be an integer >= 8; got {self.image_size!r}.")
-        if not 0 < self.fov_deg < 180:
-            raise ValueError(f"fov_deg must lie in (0, 180); got {self.fov_deg!r}.")
-        lo, hi = self.distance
-        if not 0 < lo <= hi:
-            raise ValueError(f"distance must be (min, max) with 0 < min <= max; got {self.distance!r}.")
+        check_view(self, min_image_size=8)
         if self.max_angle_deg < 0 or self.max_translation < 0:
             raise ValueError("max_angle_deg and max_translation must be >= 0; got "
                              f"{self.max_angle_deg!r} and {self.max_translation!r}.")

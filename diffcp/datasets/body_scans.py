@@ -45,10 +45,11 @@ import torch
 from torch import Tensor
 
 from ..bodies.placed import BodyParameters, PlacedBody
-from ..camera import depth_to_points, intrinsics_matrix, normals_from_depth
+from ..camera import depth_to_points, normals_from_depth
 from ..provenance import provenance
 from ..render import look_at, render_depth
-from .body_pairs import SPLITS, _move_into_place, _seed, _sha256, temporary_folder
+from .body_pairs import SPLITS, _move_into_place, _seed, _sha256, check_view, temporary_folder
+from .body_pairs import intrinsics as pair_intrinsics
 
 __all__ = ["ScanSettings", "generate_scans", "make_scan", "scan_generator", "load_scans", "CONDITIONS", "KEYS", "FORMAT", "intrinsics"]
 
@@ -79,12 +80,7 @@ class ScanSettings:
     min_valid_pixels: int = 250
 
     def __post_init__(self):
-        if not (isinstance(self.image_size, int) and self.image_size >= 16):
-            raise ValueError(f"image_size must be an integer >= 16; got {self.image_size!r}.")
-        if not 0 < self.fov_deg < 180:
-            raise ValueError(f"fov_deg must lie in (0, 180); got {self.fov_deg!r}.")
-        if not 0 < self.distance[0] <= self.distance[1]:
-            raise ValueError(f"distance must be (min, max) with 0 < min <= max; got {self.distance!r}.")
+        check_view(self, min_image_size=16)
         if not (isinstance(self.num_points, int) and self.num_points >= 1):
             raise ValueError(f"num_points must be a positive integer; got {self.num_points!r}.")
         if not 0 <= self.outlier_fraction < 1 or self.noise_std < 0:
@@ -106,10 +102,9 @@ class ScanSettings:
 
 
 def intrinsics(settings: ScanSettings) -> Tensor:
-    """The ``(3, 3)`` float32 pinhole matrix of the scans (principal point at the image centre)."""
-    n = settings.image_size
-    f = n / 2 / math.tan(math.radians(settings.fov_deg) / 2)
-    return intrinsics_matrix(f, f, (n - 1) / 2, (n - 1) / 2)
+    """The ``(3, 3)`` float32 pinhole matrix of the scans: the body pairs' camera model
+    (:func:`diffcp.datasets.body_pairs.intrinsics`) at the scans' image size and field of view."""
+    return pair_intrinsics(settings)
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
